@@ -1,0 +1,1 @@
+"""zoscale: zeroth-order optimizers on sharded parameters."""
