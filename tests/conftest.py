@@ -1,0 +1,18 @@
+"""Shared test set-up: markers and thread count."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: slow tests (real pretrained model, long runs); run with -m slow")
+    config.addinivalue_line("markers", "distributed: spawns several gloo processes")
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))

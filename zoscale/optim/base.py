@@ -1,0 +1,337 @@
+"""The SPSA step shared by zoscale's zeroth-order optimizers.
+
+A ZO optimizer is a ``torch.optim.Optimizer`` whose ``step(closure)`` estimates a directional
+derivative from two forward passes and moves along the same random direction:
+
+    for each query k in 0..q-1:                       (q = 1 is MeZO; q > 1 is n-SPSA)
+        theta <- theta + eps z_k          ; l+ = closure()         (pass 1)
+        theta <- theta - 2 eps z_k        ; l- = closure()         (pass 2)
+        [l+, l-] <- all_reduce_mean([l+, l-])                      (the only communication)
+        g_k = (l+ - l-) / (2 eps)                                  (projected gradient)
+        theta <- (1 - lr/q wd)(theta + eps z_k) - lr/q g_k z_k     (pass 3: restore + update)
+
+``z_k`` is never stored: every pass regenerates it from ``(seed, step, k, tensor id)`` for the
+rank's own shard (``zoscale.noise``), so each rank touches only the elements it holds. With
+``master_weights=True`` an fp32 copy of each local shard is kept; passes then write the compute
+copy as ``cast(master +- eps z)`` and update the master once, so the +-eps round trip leaves no
+drift and no update is lost to bf16 rounding.
+
+Departures from the papers, all documented and tested:
+    * n-SPSA applies each query's update right after its two forwards (lr/q per query), so later
+      queries are evaluated at the partly updated point. Holding every query at theta_t would
+      need a fourth regeneration pass per query (or q buffers); for ZO step sizes the difference
+      is O(lr^2).
+    * Per-group ``eps``: the projected gradient of group j is ``(l+ - l-) / (2 eps_j)``, which
+      keeps ``g_j z_j`` an unbiased estimate of the gradient of group j.
+    * Parameters with ``requires_grad=False`` in a group are left untouched (as a first-order
+      optimizer would, having no gradient for them).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+
+from zoscale import noise
+from zoscale.shards import LocalShards, ShardProvider, ShardView, canonical_name
+
+__all__ = ["ZOOptimizer", "NonFiniteLossError", "ShardEntry"]
+
+Closure = Callable[[], Any]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The closure returned a NaN or infinite loss.
+
+    Raised after the parameters were restored to their values before the query (bitwise with
+    master weights; within the documented +-eps round-trip drift without). The step counter
+    does not advance, so the step can be retried on another batch.
+    """
+
+    def __init__(self, step: int, query: int, losses: tuple[float, ...]) -> None:
+        self.step, self.query, self.losses = step, query, losses
+        super().__init__(
+            f"non-finite loss at step {step}, query {query}: losses {losses} (averaged over the "
+            "data-parallel group); parameters were restored and the step was not taken"
+        )
+
+
+@dataclass
+class ShardEntry:
+    """A trainable tensor as the step sees it: its group, view, stable id and state."""
+
+    group_index: int
+    param: torch.Tensor
+    view: ShardView
+    stable_id: str
+    state: dict
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class ZOOptimizer(torch.optim.Optimizer):
+    """Base class: param groups, shard views, the SPSA query, state and the step log.
+
+    Subclasses set their defaults and implement :meth:`step`; the SPSA query is
+    :meth:`_spsa_query`. Global settings (``q``, ``one_sided``, ``noise``, ``seed``,
+    ``master_weights``) live in every param group so that they round-trip with
+    ``state_dict()``, and must be equal across groups.
+
+    Args:
+        params: parameters, ``named_parameters()`` (recommended: names give noise ids that do
+            not change when the model is wrapped by DeepSpeed, FSDP or peft), or param groups.
+        defaults: per-group defaults.
+        shards: shard provider (default :class:`~zoscale.shards.LocalShards`).
+    """
+
+    GLOBAL_KEYS: tuple[str, ...] = ("q", "one_sided", "noise", "seed", "master_weights")
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any], shards: ShardProvider | None = None) -> None:
+        self.shards: ShardProvider = shards if shards is not None else LocalShards()
+        self._zo: dict[str, Any] = {"step": 0, "log": [], "nonfinite": 0}
+        super().__init__(params, defaults)
+        for key in self.GLOBAL_KEYS:
+            values = {repr(g[key]) for g in self.param_groups}
+            if len(values) > 1:
+                raise ValueError(f"Invalid {key}: must be the same in every param group, got {sorted(values)}")
+        self._positional_ids = {id(p): f"#{i}" for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+
+    # ----------------------------------------------------------------- validation
+    @staticmethod
+    def _validate_group(group: dict[str, Any]) -> None:
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not math.isfinite(lr) or lr < 0:
+            raise ValueError(f"Invalid learning rate: {lr!r} (must be a finite number >= 0)")
+        if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps) or eps <= 0:
+            raise ValueError(f"Invalid eps: {eps!r} (must be a finite number > 0)")
+        if not isinstance(wd, (int, float)) or isinstance(wd, bool) or not math.isfinite(wd) or wd < 0:
+            raise ValueError(f"Invalid weight_decay: {wd!r} (must be a finite number >= 0)")
+        q = group["q"]
+        if not _is_int(q) or q < 1:
+            raise ValueError(f"Invalid q: {q!r} (number of queries per step must be an integer >= 1)")
+        noise.check_kind(group["noise"])
+        if not _is_int(group["seed"]):
+            raise ValueError(f"Invalid seed: {group['seed']!r} (must be an integer)")
+        for key in ("one_sided", "master_weights"):
+            if not isinstance(group[key], bool):
+                raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group after validating its hyperparameters and that no parameter is shared."""
+        group = dict(param_group)
+        merged = {**self.defaults, **group}
+        self._validate_group(merged)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        group["params"] = params
+        existing = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
+        for i, item in enumerate(params):
+            name, p = item if isinstance(item, tuple) else (None, item)
+            if id(p) in existing:
+                gi, pi = existing[id(p)]
+                label = f"parameter {name!r}" if name else f"parameter {i} (shape {tuple(p.shape)})"
+                raise ValueError(
+                    f"Invalid param groups: {label} of group {len(self.param_groups)} is already "
+                    f"parameter {pi} of group {gi}; a parameter may appear in one group only"
+                )
+        super().add_param_group(group)
+
+    # ----------------------------------------------------------------- views
+    def _stable_id(self, group: dict[str, Any], index: int, param: torch.Tensor) -> str:
+        names = group.get("param_names")
+        if names is not None:
+            return canonical_name(names[index])
+        return self._positional_ids[id(param)]
+
+    def _entries(self) -> list[ShardEntry]:
+        """Trainable tensors with a non-empty local shard, in a rank-independent order."""
+        entries = []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if not p.requires_grad:
+                    continue
+                view = self.shards.view(p)
+                if view.local.numel() == 0:
+                    continue
+                entries.append(ShardEntry(gi, p, view, self._stable_id(group, i, p), self.state[p]))
+        return entries
+
+    def _ensure_masters(self, entries: list[ShardEntry]) -> None:
+        if not self.param_groups[0]["master_weights"]:
+            return
+        for e in entries:
+            if "master" not in e.state:
+                e.state["master"] = e.view.local.detach().to(torch.float32).clone()
+
+    # ----------------------------------------------------------------- passes
+    def _keys(self, entries: list[ShardEntry], step: int, query: int) -> list[int]:
+        seed = self.param_groups[0]["seed"]
+        return [noise.noise_key(seed, step, query, e.stable_id) for e in entries]
+
+    def _perturb(self, entries: list[ShardEntry], keys: list[int], scale: list[float], *, delta: list[float]) -> None:
+        """Move every shard by ``scale[g] * z``; ``delta[g]`` is the offset from theta afterwards.
+
+        Without master weights the shard is edited in place (``x += scale z``); with them the
+        compute copy is rewritten as ``cast(master + delta z)``, exact whatever came before.
+        """
+        kind = self.param_groups[0]["noise"]
+        masters = self.param_groups[0]["master_weights"]
+        for e, key in zip(entries, keys):
+            v = e.view
+            if masters:
+                noise.perturb_from_master_(v.local, e.state["master"], v.offset, key, delta[e.group_index], kind)
+            else:
+                noise.axpbz_(v.local, v.offset, key, 1.0, scale[e.group_index], kind)
+
+    def _update(self, entries: list[ShardEntry], keys: list[int], decay: list[float],
+                z_coef: list[float], current_offset: list[float]) -> None:
+        """Restore and update in one pass: ``theta <- decay*theta + z_coef*z``.
+
+        ``current_offset[g]`` is how far the compute copy currently sits from theta along z
+        (``-eps`` after a two-sided query, ``+eps`` after a one-sided one).
+        """
+        kind = self.param_groups[0]["noise"]
+        masters = self.param_groups[0]["master_weights"]
+        for e, key in zip(entries, keys):
+            v, gi = e.view, e.group_index
+            if masters:
+                noise.update_master_(v.local, e.state["master"], v.offset, key, decay[gi], z_coef[gi], kind)
+            else:
+                # theta = x - off*z  =>  decay*theta + c*z = decay*x + (c - decay*off)*z
+                noise.axpbz_(v.local, v.offset, key, decay[gi], z_coef[gi] - decay[gi] * current_offset[gi], kind)
+
+    def _restore(self, entries: list[ShardEntry], keys: list[int], current_offset: list[float]) -> None:
+        """Return the compute copy to theta (bitwise with master weights)."""
+        masters = self.param_groups[0]["master_weights"]
+        if masters:
+            for e in entries:
+                e.view.local.copy_(e.state["master"])
+        else:
+            self._update(entries, keys, [1.0] * len(self.param_groups), [0.0] * len(self.param_groups), current_offset)
+
+    # ----------------------------------------------------------------- communication
+    def _loss_group(self) -> Any:
+        group = getattr(self.shards, "loss_group", None)
+        return group if group is not None else dist.group.WORLD
+
+    def _world(self) -> int:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1
+        return dist.get_world_size(self._loss_group())
+
+    def _mean_over_ranks(self, losses: list[Any], device: torch.device) -> list[float]:
+        """Average the closure's losses over the data-parallel group: one all-reduce."""
+        vals = torch.stack([torch.as_tensor(l).detach().to(device=device, dtype=torch.float64).reshape(()) for l in losses])
+        world = self._world()
+        if world > 1:
+            dist.all_reduce(vals, op=dist.ReduceOp.SUM, group=self._loss_group())
+            vals /= world
+        return vals.tolist()
+
+    @staticmethod
+    def _call(closure: Closure) -> Any:
+        loss = closure()
+        if loss is None:
+            raise ValueError("the closure returned None; it must return this rank's mean loss")
+        return loss
+
+    # ----------------------------------------------------------------- the SPSA query
+    def _spsa_query(self, closure: Closure, entries: list[ShardEntry], step: int, query: int,
+                    lr_scale: float) -> tuple[list[float], tuple[float, float]]:
+        """One SPSA query with its fused restore + ZO-SGD update; returns (g per group, losses).
+
+        ``lr_scale`` multiplies each group's lr (``1/q`` for n-SPSA).
+        """
+        groups = self.param_groups
+        eps = [g["eps"] for g in groups]
+        one_sided = groups[0]["one_sided"]
+        keys = self._keys(entries, step, query)
+        device = entries[0].view.local.device if entries else torch.device("cpu")
+        if one_sided:
+            l0 = self._call(closure)
+            self._perturb(entries, keys, eps, delta=eps)
+            l1 = self._call(closure)
+            offset = eps
+            lp, lm = self._mean_over_ranks([l1, l0], device)
+            diff = [(lp - lm) / e for e in eps]
+        else:
+            self._perturb(entries, keys, eps, delta=eps)
+            l1 = self._call(closure)
+            self._perturb(entries, keys, [-2.0 * e for e in eps], delta=[-e for e in eps])
+            l2 = self._call(closure)
+            offset = [-e for e in eps]
+            lp, lm = self._mean_over_ranks([l1, l2], device)
+            diff = [(lp - lm) / (2.0 * e) for e in eps]
+        if not (math.isfinite(lp) and math.isfinite(lm)):
+            self._restore(entries, keys, offset)
+            self._zo["nonfinite"] += 1
+            raise NonFiniteLossError(step, query, (lp, lm))
+        lrs = [g["lr"] * lr_scale for g in groups]
+        decay = [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)]
+        self._update(entries, keys, decay, [-lr * gk for lr, gk in zip(lrs, diff)], offset)
+        return diff, (lp, lm)
+
+    def _log(self, step: int, query: int, grads: list[float], lr_scale: float, losses: tuple[float, float]) -> None:
+        self._zo["log"].append(
+            {
+                "seed": self.param_groups[0]["seed"],
+                "step": step,
+                "query": query,
+                "grad": list(grads),
+                "lr": [g["lr"] * lr_scale for g in self.param_groups],
+                "loss": list(losses),
+            }
+        )
+
+    # ----------------------------------------------------------------- state
+    @property
+    def step_count(self) -> int:
+        """Number of completed steps (the ``t`` of the noise key)."""
+        return self._zo["step"]
+
+    @property
+    def step_log(self) -> list[dict[str, Any]]:
+        """One record per query: seed, step, query, projected gradient and lr per group, losses."""
+        return self._zo["log"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state dict plus ``"zo"`` (step counter, step log, counters).
+
+        Tensors are cloned, so the returned dict stays unchanged while training continues.
+        """
+        sd = super().state_dict()
+        sd["state"] = {
+            k: {kk: (vv.detach().clone() if isinstance(vv, torch.Tensor) else copy.deepcopy(vv)) for kk, vv in v.items()}
+            for k, v in sd["state"].items()
+        }
+        sd["zo"] = copy.deepcopy(self._zo)
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a dict from :meth:`state_dict`; the argument is not modified.
+
+        Per-parameter tensors keep their saved dtype (torch would cast an fp32 master shard to
+        a bf16 parameter's dtype) and are copied, not aliased.
+        """
+        if "zo" not in state_dict:
+            raise ValueError("state dict has no 'zo' entry: it was not saved by a zoscale optimizer")
+        tensors: dict[int, dict[str, torch.Tensor]] = {}
+        plain_state: dict[Any, Any] = {}
+        for k, v in state_dict["state"].items():
+            plain_state[k] = {kk: vv for kk, vv in v.items() if not isinstance(vv, torch.Tensor)}
+            tensors[k] = {kk: vv for kk, vv in v.items() if isinstance(vv, torch.Tensor)}
+        super().load_state_dict({**state_dict, "state": plain_state})
+        params = [p for g in self.param_groups for p in g["params"]]
+        for k, tmap in tensors.items():
+            p = params[k]
+            device = self.shards.view(p).local.device
+            for name, t in tmap.items():
+                self.state[p][name] = t.detach().to(device=device).clone()
+        self._zo = copy.deepcopy(state_dict["zo"])
