@@ -112,21 +112,22 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _axpbz_kernel(x: torch.Tensor, start: int, key: int, a: float, b: float, gaussian: bool) -> None:
-    z = _z(start, x.numel(), key, gaussian, x.device)
-    x.copy_(x.to(_acc_dtype(x.dtype)) * a + z * b)
+    acc = _acc_dtype(x.dtype)
+    z = _z(start, x.numel(), key, gaussian, x.device).to(acc)
+    x.copy_(x.to(acc) * a + z * b)
 
 
 def _from_master_kernel(
     dst: torch.Tensor, master: torch.Tensor, start: int, key: int, b: float, gaussian: bool
 ) -> None:
-    z = _z(start, dst.numel(), key, gaussian, dst.device)
+    z = _z(start, dst.numel(), key, gaussian, dst.device).to(master.dtype)
     dst.copy_(master + z * b)
 
 
 def _update_master_kernel(
     dst: torch.Tensor, master: torch.Tensor, start: int, key: int, a: float, b: float, gaussian: bool
 ) -> None:
-    z = _z(start, dst.numel(), key, gaussian, dst.device)
+    z = _z(start, dst.numel(), key, gaussian, dst.device).to(master.dtype)
     new = master * a + z * b
     master.copy_(new)
     dst.copy_(new)
@@ -158,6 +159,10 @@ def _kernel(name: str, force_eager: bool) -> tuple[Callable[..., None], int]:
         return _KERNELS[name], EAGER_CHUNK
     fn = _compiled.get(name)
     if fn is None:
+        # One graph per (dtype, kind, 0/1-size specialisation): more than dynamo's default 8.
+        cfg = torch._dynamo.config
+        cfg.recompile_limit = max(cfg.recompile_limit, 64)
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
         fn = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
         _compiled[name] = fn
     return fn, COMPILED_CHUNK

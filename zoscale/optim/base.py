@@ -168,7 +168,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             return
         for e in entries:
             if "master" not in e.state:
-                e.state["master"] = e.view.local.detach().to(torch.float32).clone()
+                e.state["master"] = e.view.local.detach().to(torch.promote_types(e.view.local.dtype, torch.float32)).clone()
 
     # ----------------------------------------------------------------- passes
     def _keys(self, entries: list[ShardEntry], step: int, query: int) -> list[int]:
