@@ -1,0 +1,415 @@
+"""Tests of zoscale.data: the Rotten Tomatoes reader, user files, splits and the SST-2 task."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoscale.data import (
+    SST2Task,
+    default_data_archive,
+    evaluate_accuracy,
+    label_logits,
+    load_labelled_file,
+    load_rotten_tomatoes,
+    loss_fn,
+    split_train_eval,
+)
+from zoscale.data.sources import RT_ARCHIVE_NAME
+from zoscale.models import tiny_llama, tiny_opt, tiny_tokenizer
+
+# ---------------------------------------------------------------------------------------------
+# Rotten Tomatoes archive
+
+
+def _tar_bytes(members: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def make_vader_archive(folder: Path, ground_truth: bytes, include_movies: bool = True) -> Path:
+    """A small stand-in for the vaderSentiment 3.3.2 sdist, with the same nested layout."""
+    inner = {"hutto_ICWSM_2014/tweets_GroundTruth.txt": b"1\t3.0\tdecoy tweet\r\n"}
+    if include_movies:
+        inner["hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt"] = ground_truth
+    outer = {
+        "vaderSentiment-3.3.2/setup.py": b"# not used\n",
+        "vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz": _tar_bytes(inner),
+    }
+    path = folder / RT_ARCHIVE_NAME
+    path.write_bytes(_tar_bytes(outer))
+    return path
+
+
+def _tsv(lines: list[str]) -> bytes:
+    return "".join(line + "\r\n" for line in lines).encode("utf-8")
+
+
+def test_rotten_tomatoes_parses_and_binarizes_like_sst2(tmp_path: Path) -> None:
+    ratings = [2.3, -1.2, 0.49, -0.49, 0.5, -0.5, 0.0, 3.9]
+    lines = [f"{i}\t{r}\tsentence {i} " for i, r in enumerate(ratings, start=1)]
+    archive = make_vader_archive(tmp_path, _tsv(lines) + b"9\t-2.0\tcaf\xe9 bad\r\n")
+
+    rows = load_rotten_tomatoes(archive)
+
+    # |rating| < 0.5 is dropped (0.49, -0.49, 0.0); the sign of the rest gives the label.
+    assert rows == [
+        {"sentence": "sentence 1", "label": 1},
+        {"sentence": "sentence 2", "label": 0},
+        {"sentence": "sentence 5", "label": 1},
+        {"sentence": "sentence 6", "label": 0},
+        {"sentence": "sentence 8", "label": 1},
+        {"sentence": "caf\ufffd bad", "label": 0},  # undecodable byte replaced, not fatal
+    ]
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ("3\t1.0", "expected 3 tab-separated fields, got 2"),
+        ("3\t1.0\ttext\textra", "expected 3 tab-separated fields, got 4"),
+        ("3\tgood\ttext", "cannot parse rating"),
+        ("3\tnan\ttext", "not finite"),
+        ("3\t1.5\t   ", "empty text"),
+        ("", "expected 3 tab-separated fields, got 1"),
+    ],
+)
+def test_rotten_tomatoes_malformed_line_names_member_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
+    lines = ["1\t2.0\tfine", "2\t-2.0\talso fine", bad_line, "4\t1.0\tnever reached"]
+    archive = make_vader_archive(tmp_path, _tsv(lines))
+    with pytest.raises(ValueError, match=r"movieReviewSnippets_GroundTruth\.txt line 3: ") as info:
+        load_rotten_tomatoes(archive)
+    assert message in str(info.value)
+    assert str(archive) in str(info.value)
+
+
+def test_rotten_tomatoes_missing_archive_says_how_to_fetch(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / RT_ARCHIVE_NAME
+    with pytest.raises(FileNotFoundError, match="launch/setup.sh") as info:
+        load_rotten_tomatoes(missing)
+    assert str(missing) in str(info.value)
+
+
+def test_rotten_tomatoes_archive_without_member(tmp_path: Path) -> None:
+    archive = make_vader_archive(tmp_path, b"", include_movies=False)
+    with pytest.raises(ValueError, match="movieReviewSnippets_GroundTruth.txt"):
+        load_rotten_tomatoes(archive)
+
+
+def test_default_data_archive_follows_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("ZOSCALE_DATA_DIR", str(tmp_path))
+    assert default_data_archive() == tmp_path / "vaderSentiment-3.3.2.tar.gz"
+    monkeypatch.delenv("ZOSCALE_DATA_DIR")
+    assert default_data_archive() == Path.home() / ".cache" / "zoscale" / "vaderSentiment-3.3.2.tar.gz"
+
+
+def test_real_rotten_tomatoes_archive() -> None:
+    archive = default_data_archive()
+    if not archive.is_file():
+        pytest.skip(f"{archive} not downloaded (bash launch/setup.sh fetches it)")
+    rows = load_rotten_tomatoes(archive)
+    # 10,605 rated sentences, of which 533 have |rating| < 0.5.
+    assert len(rows) == 10072
+    assert sum(row["label"] for row in rows) == 4996  # 49.6% positive
+    assert rows[0]["sentence"].startswith("The Rock is destined to be the 21st Century's new")
+
+
+# ---------------------------------------------------------------------------------------------
+# User files
+
+
+def _write_jsonl(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_load_jsonl_and_csv(tmp_path: Path) -> None:
+    jsonl = _write_jsonl(
+        tmp_path / "a.jsonl",
+        [json.dumps({"sentence": " a fine film ", "label": 1}), "", json.dumps({"sentence": "dull", "label": 0})],
+    )
+    assert load_labelled_file(jsonl) == [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
+
+    csv_path = tmp_path / "b.csv"
+    csv_path.write_text('review,stars,extra\n"multi\nline, quoted",1,x\nok,0,y\n', encoding="utf-8")
+    rows = load_labelled_file(csv_path, text_field="review", label_field="stars")
+    assert rows == [{"sentence": "multi\nline, quoted", "label": 1}, {"sentence": "ok", "label": 0}]
+
+
+@pytest.mark.parametrize(
+    "bad_row, message",
+    [
+        ({"label": 1}, "missing field 'sentence'"),
+        ({"sentence": "x"}, "missing field 'label'"),
+        ({"sentence": "   ", "label": 1}, "field 'sentence' is empty"),
+        ({"sentence": 3, "label": 1}, "is not text"),
+        ({"sentence": "x", "label": 2}, "label 2 not in [0, 1]"),
+        ({"sentence": "x", "label": "1"}, "not in [0, 1]"),
+    ],
+)
+def test_jsonl_bad_row_names_file_and_line(tmp_path: Path, bad_row: dict, message: str) -> None:
+    # Line 1 good, line 2 blank (counted, skipped), line 3 good, line 4 bad.
+    good = json.dumps({"sentence": "good", "label": 1})
+    path = _write_jsonl(tmp_path / "rows.jsonl", [good, "", good, json.dumps(bad_row)])
+    with pytest.raises(ValueError, match=r"rows\.jsonl line 4: ") as info:
+        load_labelled_file(path)
+    assert message in str(info.value)
+
+
+def test_jsonl_invalid_json_line(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "rows.jsonl", [json.dumps({"sentence": "a", "label": 0}), "{not json"])
+    with pytest.raises(ValueError, match=r"rows\.jsonl line 2: not valid JSON"):
+        load_labelled_file(path)
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        (",1", "missing field 'sentence'"),
+        ("text,", "missing field 'label'"),
+        ("  ,1", "field 'sentence' is empty"),
+        ("text,5", "label 5 not in [0, 1]"),
+        ("text,1,extra", "expected 2 fields like the header, got 3"),
+    ],
+)
+def test_csv_bad_row_names_file_and_line(tmp_path: Path, bad_line: str, message: str) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text(f"sentence,label\n{bad_line}\nfine,0\n", encoding="utf-8")
+    # The header is line 1, so the first data row is line 2.
+    with pytest.raises(ValueError, match=r"rows\.csv line 2: ") as info:
+        load_labelled_file(path)
+    assert message in str(info.value)
+
+
+def test_csv_line_numbers_count_multiline_fields_and_blank_lines(tmp_path: Path) -> None:
+    path = tmp_path / "rows.csv"
+    path.write_text('sentence,label\n"two\nlines",1\n\nbad,7\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"rows\.csv line 5: label 7"):
+        load_labelled_file(path)
+
+
+def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "rows.parquet"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="unsupported file type '.parquet'"):
+        load_labelled_file(path)
+    with pytest.raises(FileNotFoundError):
+        load_labelled_file(tmp_path / "absent.jsonl")
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+def _rows(n_pos: int, n_neg: int) -> list[dict]:
+    return [{"sentence": f"s{i}", "label": int(i < n_pos)} for i in range(n_pos + n_neg)]
+
+
+def test_split_is_deterministic_disjoint_and_balanced() -> None:
+    rows = _rows(70, 30)
+    random_state, torch_state = random.getstate(), torch.get_rng_state()
+
+    train, evaluation = split_train_eval(rows, n_train=50, n_eval=20, seed=3)
+
+    assert random.getstate() == random_state
+    assert torch.equal(torch.get_rng_state(), torch_state)
+    assert len(train) == 50 and len(evaluation) == 20
+    assert sum(row["label"] for row in evaluation) == 10
+    assert not {id(row) for row in train} & {id(row) for row in evaluation}
+    assert len({id(row) for row in train}) == 50
+    assert split_train_eval(rows, 50, 20, seed=3) == (train, evaluation)
+    assert split_train_eval(rows, 50, 20, seed=4) != (train, evaluation)
+
+
+def test_split_odd_eval_size_and_whole_dataset() -> None:
+    rows = _rows(6, 5)
+    train, evaluation = split_train_eval(rows, n_train=6, n_eval=5, seed=0)
+    # Sorted labels (0, 1): label 0 takes the extra row.
+    assert sorted(row["label"] for row in evaluation) == [0, 0, 0, 1, 1]
+    assert sorted(row["sentence"] for row in train + evaluation) == sorted(row["sentence"] for row in rows)
+
+
+def test_split_errors() -> None:
+    rows = _rows(3, 20)
+    with pytest.raises(ValueError, match="label 1"):
+        split_train_eval(rows, n_train=0, n_eval=10, seed=0)
+    with pytest.raises(ValueError, match="need 20 for training"):
+        split_train_eval(rows, n_train=20, n_eval=4, seed=0)
+    with pytest.raises(ValueError, match="Invalid n_eval"):
+        split_train_eval(rows, n_train=1, n_eval=-1, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SST-2 task
+
+
+SENTENCES = [
+    {"sentence": "a great little film", "label": 1},
+    {"sentence": "bad", "label": 0},
+    {"sentence": "the plot is thin but the acting is terrific and warm", "label": 1},
+    {"sentence": "tedious , overlong and dull .", "label": 0},
+    {"sentence": "good fun", "label": 1},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module", params=["llama", "opt"])
+def model(request):
+    return tiny_llama(seed=1) if request.param == "llama" else tiny_opt(seed=1)
+
+
+def test_label_token_ids(tokenizer) -> None:
+    ids = SST2Task().label_token_ids(tokenizer)
+    assert [tokenizer.decode([i]) for i in ids] == [" terrible", " great"]
+    assert SST2Task(label_words=(" bad", " good")).label_token_ids(tokenizer) != ids
+    with pytest.raises(ValueError, match="' fantastic' is 10 tokens"):
+        SST2Task(label_words=(" terrible", " fantastic")).label_token_ids(tokenizer)
+    with pytest.raises(ValueError, match="at least two"):
+        SST2Task(label_words=(" great",))
+
+
+def test_collate_left_pads_and_ends_with_the_prompt_suffix(tokenizer) -> None:
+    task = SST2Task()
+    batch = task.collate(SENTENCES, tokenizer, max_length=128)
+    suffix = tokenizer(" It was", add_special_tokens=False)["input_ids"]
+    lengths = batch["attention_mask"].sum(-1)
+
+    assert batch["labels"].tolist() == [row["label"] for row in SENTENCES]
+    assert batch["input_ids"].shape == batch["attention_mask"].shape
+    assert batch["input_ids"].shape[1] == int(lengths.max())
+    assert bool(batch["attention_mask"][:, -1].all())  # the answer position is the last one
+    for row, mask, ids, length in zip(SENTENCES, batch["attention_mask"], batch["input_ids"], lengths):
+        pad = len(mask) - int(length)
+        assert mask.tolist() == [0] * pad + [1] * int(length)
+        assert ids[:pad].tolist() == [tokenizer.pad_token_id] * pad
+        expected = tokenizer(row["sentence"] + " It was", add_special_tokens=False)["input_ids"]
+        assert ids[pad:].tolist() == expected
+        assert ids[-len(suffix) :].tolist() == suffix
+
+
+def test_collate_truncates_the_start_of_the_sentence(tokenizer) -> None:
+    task = SST2Task()
+    row = {"sentence": "one two three four five six", "label": 1}
+    batch = task.collate([row], tokenizer, max_length=16)  # one token per byte: 9 + 7
+    assert batch["input_ids"].shape == (1, 16)
+    assert tokenizer.decode(batch["input_ids"][0]) == " five six It was"
+    with pytest.raises(ValueError, match="no room for the sentence"):
+        task.collate([row], tokenizer, max_length=7)  # " It was" alone is 7 byte tokens
+    with pytest.raises(ValueError, match="Label 2"):
+        task.collate([{"sentence": "x", "label": 2}], tokenizer, max_length=16)
+
+
+def _reference_label_logits(model, tokenizer, task: SST2Task, rows: list[dict]) -> torch.Tensor:
+    """Each prompt run alone, unpadded, with all logits; the last row of logits, label columns."""
+    label_ids = task.label_token_ids(tokenizer)
+    out = []
+    with torch.no_grad():
+        for row in rows:
+            ids = tokenizer(task.prompt(row["sentence"]), return_tensors="pt", add_special_tokens=False)
+            out.append(model(input_ids=ids["input_ids"]).logits[0, -1, label_ids])
+    return torch.stack(out)
+
+
+def test_label_logits_match_unpadded_full_forward(model, tokenizer) -> None:
+    task = SST2Task()
+    label_ids = task.label_token_ids(tokenizer)
+    batch = task.collate(SENTENCES, tokenizer, max_length=128)
+    with torch.no_grad():
+        got = label_logits(model, batch, label_ids)
+        padded_full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+    expected = _reference_label_logits(model, tokenizer, task, SENTENCES)
+    assert got.shape == (len(SENTENCES), 2)
+    # Same math on different shapes: only float32 summation order differs.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, padded_full[:, -1, label_ids], rtol=1e-5, atol=1e-5)
+    assert got.std() > 0.01  # the tiny model's logits are not trivially flat
+
+
+class _FullLogitsOnly(torch.nn.Module):
+    """A model whose forward knows neither logits_to_keep nor position_ids."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.seen_shapes: list[tuple[int, ...]] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask)
+        self.seen_shapes.append(tuple(out.logits.shape))
+        return out
+
+
+def test_label_logits_uses_logits_to_keep_and_falls_back(tokenizer) -> None:
+    model = tiny_llama(seed=2)
+    task = SST2Task()
+    label_ids = task.label_token_ids(tokenizer)
+    batch = task.collate(SENTENCES, tokenizer, max_length=128)
+    shapes = []
+    handle = model.register_forward_hook(lambda module, args, out: shapes.append(tuple(out.logits.shape)))
+    with torch.no_grad():
+        kept = label_logits(model, batch, label_ids)
+        wrapper = _FullLogitsOnly(model)
+        full = label_logits(wrapper, batch, label_ids)
+    handle.remove()
+    batch_size, width = batch["input_ids"].shape
+    assert shapes[0] == (batch_size, 1, model.config.vocab_size)
+    assert wrapper.seen_shapes == [(batch_size, width, model.config.vocab_size)]
+    torch.testing.assert_close(kept, full, rtol=1e-5, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_over_label_words(model, tokenizer) -> None:
+    task = SST2Task(label_words=(" bad", " good"))
+    batch = task.collate(SENTENCES, tokenizer, max_length=128)
+    loss = loss_fn(model, batch, task.label_token_ids(tokenizer))
+
+    logits = _reference_label_logits(model, tokenizer, task, SENTENCES).double()
+    labels = batch["labels"]
+    by_hand = (logits.logsumexp(-1) - logits[torch.arange(len(labels)), labels]).mean()
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    torch.testing.assert_close(loss.double(), by_hand, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float(), labels), rtol=1e-5, atol=1e-6)
+
+
+def test_loss_backpropagates(tokenizer) -> None:
+    model = tiny_opt(seed=3)
+    task = SST2Task()
+    batch = task.collate(SENTENCES, tokenizer, max_length=128)
+    loss_fn(model, batch, task.label_token_ids(tokenizer)).backward()
+    assert model.model.decoder.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_evaluate_accuracy_matches_reference_and_restores_mode(model, tokenizer) -> None:
+    task = SST2Task()
+    rows = SENTENCES * 3
+    predictions = _reference_label_logits(model, tokenizer, task, rows).argmax(-1)
+    expected = int((predictions == torch.tensor([r["label"] for r in rows])).sum()) / len(rows)
+
+    model.train()
+    try:
+        assert evaluate_accuracy(model, rows, tokenizer, task, batch_size=4, max_length=128) == expected
+        assert model.training
+        model.eval()
+        assert evaluate_accuracy(model, rows, tokenizer, task, batch_size=16, max_length=128) == expected
+        assert not model.training
+    finally:
+        model.eval()
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="zero rows"):
+        evaluate_accuracy(model, [], tokenizer, task)
