@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import copy
 import math
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -96,6 +98,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], shards: ShardProvider | None = None) -> None:
         self.shards: ShardProvider = shards if shards is not None else LocalShards()
         self._zo: dict[str, Any] = {"step": 0, "log": [], "nonfinite": 0}
+        #: Seconds spent in each phase of the last step: perturb, forward, communication, update.
+        self.last_step_timing: dict[str, float] = {}
+        self._timing: defaultdict[str, float] = defaultdict(float)
         super().__init__(params, defaults)
         for key in self.GLOBAL_KEYS:
             values = {repr(g[key]) for g in self.param_groups}
@@ -235,9 +240,21 @@ class ZOOptimizer(torch.optim.Optimizer):
             vals /= world
         return vals.tolist()
 
-    @staticmethod
-    def _call(closure: Closure) -> Any:
-        loss = closure()
+    def _timed(self, phase: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._timing[phase] += time.perf_counter() - t0
+
+    def _begin_step(self) -> None:
+        self._timing = defaultdict(float)
+
+    def _end_step(self) -> None:
+        self.last_step_timing = dict(self._timing)
+
+    def _call(self, closure: Closure) -> Any:
+        loss = self._timed("forward", closure)
         if loss is None:
             raise ValueError("the closure returned None; it must return this rank's mean loss")
         return loss
@@ -254,20 +271,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         one_sided = groups[0]["one_sided"]
         keys = self._keys(entries, step, query)
         device = entries[0].view.local.device if entries else torch.device("cpu")
+        perturb = lambda scale, delta: self._timed("perturb", self._perturb, entries, keys, scale, delta=delta)  # noqa: E731
         if one_sided:
             l0 = self._call(closure)
-            self._perturb(entries, keys, eps, delta=eps)
+            perturb(eps, eps)
             l1 = self._call(closure)
             offset = eps
-            lp, lm = self._mean_over_ranks([l1, l0], device)
+            lp, lm = self._timed("communication", self._mean_over_ranks, [l1, l0], device)
             diff = [(lp - lm) / e for e in eps]
         else:
-            self._perturb(entries, keys, eps, delta=eps)
+            perturb(eps, eps)
             l1 = self._call(closure)
-            self._perturb(entries, keys, [-2.0 * e for e in eps], delta=[-e for e in eps])
+            perturb([-2.0 * e for e in eps], [-e for e in eps])
             l2 = self._call(closure)
             offset = [-e for e in eps]
-            lp, lm = self._mean_over_ranks([l1, l2], device)
+            lp, lm = self._timed("communication", self._mean_over_ranks, [l1, l2], device)
             diff = [(lp - lm) / (2.0 * e) for e in eps]
         if not (math.isfinite(lp) and math.isfinite(lm)):
             self._restore(entries, keys, offset)
@@ -275,7 +293,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             raise NonFiniteLossError(step, query, (lp, lm))
         lrs = [g["lr"] * lr_scale for g in groups]
         decay = [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)]
-        self._update(entries, keys, decay, [-lr * gk for lr, gk in zip(lrs, diff)], offset)
+        self._timed("update", self._update, entries, keys, decay, [-lr * gk for lr, gk in zip(lrs, diff)], offset)
         return diff, (lp, lm)
 
     def _log(self, step: int, query: int, grads: list[float], lr_scale: float, losses: tuple[float, float]) -> None:

@@ -86,13 +86,17 @@ class MeZO(ZOOptimizer):
         """
         if closure is None:
             raise ValueError("MeZO.step requires a closure that returns the mean loss of this rank's micro-batch")
+        self._begin_step()
         entries = self._entries()
         self._ensure_masters(entries)
         step, q = self._zo["step"], self.param_groups[0]["q"]
         total = 0.0
-        for k in range(q):
-            grads, losses = self._spsa_query(closure, entries, step, k, 1.0 / q)
-            self._log(step, k, grads, 1.0 / q, losses)
-            total += 0.5 * (losses[0] + losses[1])
+        try:
+            for k in range(q):
+                grads, losses = self._spsa_query(closure, entries, step, k, 1.0 / q)
+                self._log(step, k, grads, 1.0 / q, losses)
+                total += 0.5 * (losses[0] + losses[1])
+        finally:
+            self._end_step()
         self._zo["step"] = step + 1
         return total / q

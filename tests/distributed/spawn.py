@@ -1,0 +1,34 @@
+"""Run a module-level function on N gloo ranks of this machine (torch.multiprocessing.spawn)."""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any, Callable
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS="1")
+    import torch
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run(fn: Callable[..., Any], world: int, *args: Any) -> None:
+    """Spawn ``world`` processes running ``fn(rank, world, *args)``; a failure in any fails the call."""
+    mp.spawn(_entry, args=(fn, world, free_port(), args), nprocs=world, join=True)

@@ -1,0 +1,150 @@
+"""Run configuration: a tree of dataclasses, loaded from JSON, overridden from the command line.
+
+Every field is documented where it is declared. Unknown keys and invalid values raise
+``ValueError`` naming the key, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ModelConfig", "DataConfig", "OptimConfig", "TrainConfig", "load_config", "apply_overrides"]
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m"
+    """A local Hugging Face folder, ``smollm2-135m`` (the bundled real model), ``tiny-llama`` or ``tiny-opt``."""
+    dtype: str = "float32"
+    """Compute dtype: ``float32``, ``bfloat16`` or ``float16`` (use master weights with the last two)."""
+    trainable: str = "non_embedding"
+    """``all`` or ``non_embedding`` (token/position embeddings and a tied head stay frozen)."""
+
+
+@dataclass
+class DataConfig:
+    path: str | None = None
+    """A local JSONL/CSV file with ``sentence`` and ``label`` (0/1) fields; None: the bundled
+    Rotten Tomatoes sentences."""
+    label_words: tuple[str, str] = (" terrible", " great")
+    """Label words of MeZO's SST-2 prompt ``<S> It was [terrible|great]``."""
+    n_train: int = 1000
+    """Training examples sampled from the data (MeZO uses 1000)."""
+    n_eval: int = 200
+    """Held-out examples, label-balanced, disjoint from training."""
+    max_length: int = 64
+    """Tokens per example (left-truncated sentence + the prompt suffix)."""
+
+
+@dataclass
+class OptimConfig:
+    type: str = "MeZO"
+    """Registered optimizer name (``zoscale.optim.OPTIMIZERS``)."""
+    params: dict[str, Any] = field(default_factory=lambda: {"lr": 5e-5, "eps": 1e-3})
+    """Keyword arguments of the optimizer (validated against its signature)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Examples per step (per rank under data parallelism)."""
+    eval_every: int = 50
+    """Held-out evaluation every N steps (and before the first and after the last); 0: only those two."""
+    eval_batch_size: int = 32
+    """Batch size of evaluation forwards."""
+    seed: int = 0
+    """Seeds data sampling, batch order and the optimizer's noise."""
+    output_dir: str = "runs/default"
+    """Where metrics.jsonl, config.json and the final Hugging Face folder go."""
+    save_final: bool = True
+    """Save the final weights with ``save_pretrained`` into ``<output_dir>/final``."""
+
+
+_POSITIVE_INTS = ("steps", "batch_size", "eval_batch_size", "data.n_train", "data.n_eval", "data.max_length")
+
+
+def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    if not isinstance(values, dict):
+        raise ValueError(f"config key {where or '<root>'!r} must be an object, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"unknown config key(s) {[f'{where}{k}' for k in unknown]}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = getattr(cls(), name)
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _from_dict(type(default), value, f"{where}{name}.")
+        elif isinstance(default, tuple):
+            kwargs[name] = tuple(value)
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check types and ranges; raise ``ValueError`` naming the key."""
+    for dotted in _POSITIVE_INTS:
+        obj = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if not isinstance(obj, int) or isinstance(obj, bool) or obj < 1:
+            raise ValueError(f"config key {dotted!r} must be a positive integer, got {obj!r}")
+    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0:
+        raise ValueError(f"config key 'eval_every' must be an integer >= 0, got {cfg.eval_every!r}")
+    if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"config key 'model.dtype' must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
+    if cfg.model.trainable not in ("all", "non_embedding"):
+        raise ValueError(f"config key 'model.trainable' must be 'all' or 'non_embedding', got {cfg.model.trainable!r}")
+    if len(cfg.data.label_words) != 2:
+        raise ValueError(f"config key 'data.label_words' must have two words, got {cfg.data.label_words!r}")
+    if not isinstance(cfg.optimizer.params, dict):
+        raise ValueError("config key 'optimizer.params' must be an object")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Defaults, then a JSON file, then ``key=value`` overrides (values parsed as JSON if they parse)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"config file not found: {p}")
+        try:
+            values = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {p} is not valid JSON: {e}") from None
+    cfg = _from_dict(TrainConfig, values, "")
+    return validate(apply_overrides(cfg, overrides or []))
+
+
+def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
+    """Apply ``a.b=value`` strings; ``optimizer.params.lr=1e-5`` sets one optimizer option."""
+    as_dict = dataclasses.asdict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = as_dict
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"unknown config key {key!r}")
+            node = node[part]
+        if not isinstance(node, dict) or (parts[-1] not in node and parts[:-1] != ["optimizer", "params"]):
+            raise ValueError(f"unknown config key {key!r}")
+        node[parts[-1]] = value
+    return _from_dict(TrainConfig, as_dict, "")
