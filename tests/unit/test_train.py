@@ -1,0 +1,126 @@
+"""Config validation, the training loop end to end on a tiny model, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from zoscale.train import load_config, train
+from zoscale.train.trainer import batches, trainable_parameters
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _jsonl(path: Path, n: int = 80) -> Path:
+    words = {1: ["great", "lovely", "superb", "fun"], 0: ["awful", "dull", "bad", "boring"]}
+    with path.open("w") as f:
+        for i in range(n):
+            label = i % 2
+            f.write(json.dumps({"sentence": f"a {words[label][i % 4]} film number {i}", "label": label}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["stepz=3"], "stepz"),
+        (["model.nam=x"], "model.nam"),
+        (["steps=0"], "'steps' must be a positive integer"),
+        (["batch_size=-2"], "'batch_size'"),
+        (["model.dtype=float8"], "'model.dtype'"),
+        (["model.trainable=some"], "'model.trainable'"),
+        (["data.label_words=[\" a\"]"], "'data.label_words'"),
+        (["steps"], "key=value"),
+    ],
+)
+def test_bad_config_is_named(overrides, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_config_file_and_overrides(tmp_path: Path) -> None:
+    cfg_file = tmp_path / "c.json"
+    cfg_file.write_text(json.dumps({"steps": 7, "optimizer": {"type": "mezo", "params": {"lr": 1e-4}}}))
+    cfg = load_config(cfg_file, ["optimizer.params.eps=0.01", "data.n_eval=10"])
+    assert cfg.steps == 7 and cfg.optimizer.params == {"lr": 1e-4, "eps": 0.01} and cfg.data.n_eval == 10
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        load_config(tmp_path / "nope.json")
+    (tmp_path / "bad.json").write_text("{steps: 3}")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_config(tmp_path / "bad.json")
+    (tmp_path / "unk.json").write_text(json.dumps({"data": {"pathh": "x"}}))
+    with pytest.raises(ValueError, match="data.pathh"):
+        load_config(tmp_path / "unk.json")
+
+
+def test_batches_are_deterministic_and_cover_each_epoch() -> None:
+    rows = [{"i": i} for i in range(10)]
+    a = batches(rows, 3, seed=1)
+    b = batches(rows, 3, seed=1)
+    first = [next(a) for _ in range(6)]
+    assert first == [next(b) for _ in range(6)]
+    epoch0 = [r["i"] for batch in first[:3] for r in batch]
+    assert len(set(epoch0)) == 9  # 3 full batches per epoch, no repeats within an epoch
+
+
+def test_non_embedding_freezes_embeddings_and_tied_head() -> None:
+    from zoscale.models import tiny_llama
+
+    model = tiny_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    names = [n for n, _ in trainable_parameters(model, "non_embedding")]
+    assert names and not any("embed" in n or "lm_head" in n for n in names)
+    assert len(trainable_parameters(model, "all")) == len(list(model.parameters()))
+
+
+def test_train_end_to_end_on_a_tiny_model(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    data = _jsonl(tmp_path / "toy.jsonl")
+    cfg = load_config(None, [
+        "model.name=tiny-llama", "model.trainable=all", f"data.path={data}", "data.n_train=48", "data.n_eval=16",
+        "data.label_words=[\" bad\", \" good\"]", "steps=30", "batch_size=8", "eval_every=10",
+        f"output_dir={tmp_path / 'run'}", "optimizer.params.lr=0.001", "optimizer.params.eps=0.001",
+    ])
+    summary = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    for key in ("projected_grad", "lr", "perturb_s", "forward_s", "update_s", "communication_s",
+                "examples_per_s", "peak_memory_mb"):
+        assert all(key in r for r in steps), key
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [0, 10, 20, 30]
+    assert sum(r["loss"] for r in steps[-5:]) < sum(r["loss"] for r in steps[:5])
+    reloaded = AutoModelForCausalLM.from_pretrained(summary["final_dir"])
+    assert reloaded.config.num_hidden_layers == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["steps"] == 30
+
+
+def test_malformed_data_stops_before_the_model_loads(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"sentence": "fine", "label": 1}\n{"sentence": "", "label": 0}\n')
+    cfg = load_config(None, ["model.name=/nonexistent/model", f"data.path={bad}", "data.n_train=1", "data.n_eval=1",
+                             f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match=r"bad.jsonl.*line 2"):
+        train(cfg, progress=False)
+
+
+def test_cli_reports_config_errors_with_exit_code_2() -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "optimizer.type=adamz", "steps=0"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "'steps' must be a positive integer" in out.stderr
+
+
+def test_unknown_optimizer_type_is_named(tmp_path: Path) -> None:
+    data = _jsonl(tmp_path / "toy.jsonl", 20)
+    cfg = load_config(None, ["model.name=tiny-llama", f"data.path={data}", "data.n_train=8", "data.n_eval=4",
+                             "optimizer.type=SuperZO", f"output_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="SuperZO"):
+        train(cfg, progress=False)
+
