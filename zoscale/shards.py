@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
@@ -61,6 +61,10 @@ class ShardView:
         numel: number of elements of the unsharded tensor.
         global_shape: shape of the unsharded tensor (LOZO / Sparse MeZO need rows and columns).
         replicated: True when this rank holds the whole tensor (a replica), False for a shard.
+        after_write: called by the optimizer after each pass that wrote ``local`` (perturb,
+            update, restore), for providers that must mirror ``local`` into another copy of the
+            same values (e.g. a ZeRO-3 parameter kept gathered by the persistence threshold,
+            whose partition must stay in sync). ``None``: nothing to do.
     """
 
     local: torch.Tensor
@@ -68,6 +72,7 @@ class ShardView:
     numel: int
     global_shape: torch.Size
     replicated: bool
+    after_write: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if self.local.dim() != 1 or not self.local.is_contiguous():

@@ -124,3 +124,47 @@ def test_unknown_optimizer_type_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="SuperZO"):
         train(cfg, progress=False)
 
+
+
+def _tiny_cfg(tmp_path: Path, out: str, *extra: str):
+    data = _jsonl(tmp_path / "toy.jsonl")
+    return load_config(None, [
+        "model.name=tiny-llama", "model.trainable=all", f"data.path={data}", "data.n_train=48", "data.n_eval=16",
+        "data.label_words=[\" bad\", \" good\"]", "batch_size=8", "eval_every=0", f"output_dir={tmp_path / out}",
+        "optimizer.params.lr=0.001", "optimizer.params.q=2", "optimizer.params.master_weights=true", *extra,
+    ])
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    train(_tiny_cfg(tmp_path, "full", "steps=12"), progress=False)
+    # "Interrupted" after step 8 (checkpoints at 4 and 8), then resumed to step 12.
+    train(_tiny_cfg(tmp_path, "parts", "steps=8", "checkpoint_every=4", "save_final=false"), progress=False)
+    summary = train(_tiny_cfg(tmp_path, "parts", "steps=12", "resume=true"), progress=False)
+    assert summary["start_step"] == 8
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "final")
+    resumed = AutoModelForCausalLM.from_pretrained(tmp_path / "parts" / "final")
+    for (n, a), (_, b) in zip(full.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
+    losses = {}
+    for run in ("full", "parts"):
+        for line in (tmp_path / run / "metrics.jsonl").open():
+            r = json.loads(line)
+            if "loss" in r:
+                losses.setdefault(run, {})[r["step"]] = r["loss"]
+    assert losses["full"] == losses["parts"]  # steps 1-12 in both, the same values
+    assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").glob("step_*")) == [
+        "step_00000004", "step_00000008"]
+
+
+def test_resume_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train(_tiny_cfg(tmp_path, "none", "steps=2", "resume=true"), progress=False)
+    train(_tiny_cfg(tmp_path, "ws", "steps=2", "checkpoint_every=2", "save_final=false"), progress=False)
+    ckpt = tmp_path / "ws" / "checkpoints" / "step_00000002" / "rank_00000.pt"
+    payload = torch.load(ckpt, weights_only=False)
+    payload["world_size"] = 4
+    torch.save(payload, ckpt)
+    with pytest.raises(ValueError, match="written by 4 ranks, this run has 1"):
+        train(_tiny_cfg(tmp_path, "ws", "steps=4", "resume=true"), progress=False)

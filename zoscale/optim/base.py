@@ -74,6 +74,12 @@ class ShardEntry:
     state: dict
 
 
+def _written(view: ShardView) -> None:
+    """Run the view's ``after_write`` hook (providers that mirror ``local`` elsewhere)."""
+    if view.after_write is not None:
+        view.after_write()
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -168,6 +174,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 entries.append(ShardEntry(gi, p, view, self._stable_id(group, i, p), self.state[p]))
         return entries
 
+    def shard_entries(self) -> list[ShardEntry]:
+        """This rank's trainable shards (what it perturbs, updates and checkpoints)."""
+        return self._entries()
+
     def _ensure_masters(self, entries: list[ShardEntry]) -> None:
         if not self.param_groups[0]["master_weights"]:
             return
@@ -194,6 +204,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 noise.perturb_from_master_(v.local, e.state["master"], v.offset, key, delta[e.group_index], kind)
             else:
                 noise.axpbz_(v.local, v.offset, key, 1.0, scale[e.group_index], kind)
+            _written(v)
 
     def _update(self, entries: list[ShardEntry], keys: list[int], decay: list[float],
                 z_coef: list[float], current_offset: list[float]) -> None:
@@ -211,6 +222,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             else:
                 # theta = x - off*z  =>  decay*theta + c*z = decay*x + (c - decay*off)*z
                 noise.axpbz_(v.local, v.offset, key, decay[gi], z_coef[gi] - decay[gi] * current_offset[gi], kind)
+            _written(v)
 
     def _restore(self, entries: list[ShardEntry], keys: list[int], current_offset: list[float]) -> None:
         """Return the compute copy to theta (bitwise with master weights)."""
@@ -218,6 +230,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         if masters:
             for e in entries:
                 e.view.local.copy_(e.state["master"])
+                _written(e.view)
         else:
             self._update(entries, keys, [1.0] * len(self.param_groups), [0.0] * len(self.param_groups), current_offset)
 

@@ -66,7 +66,13 @@ class TrainConfig:
     output_dir: str = "runs/default"
     """Where metrics.jsonl, config.json and the final Hugging Face folder go."""
     save_final: bool = True
-    """Save the final weights with ``save_pretrained`` into ``<output_dir>/final``."""
+    """Save the final (consolidated) weights with ``save_pretrained`` into ``<output_dir>/final``."""
+    checkpoint_every: int = 0
+    """Write a checkpoint (each rank's shards + optimizer state + data position) every N steps; 0: never."""
+    keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
+    resume: bool = False
+    """Continue from the newest checkpoint in ``<output_dir>/checkpoints`` (same world size)."""
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "eval_batch_size", "data.n_train", "data.n_eval", "data.max_length")
@@ -99,8 +105,12 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             obj = getattr(obj, part)
         if not isinstance(obj, int) or isinstance(obj, bool) or obj < 1:
             raise ValueError(f"config key {dotted!r} must be a positive integer, got {obj!r}")
-    if not isinstance(cfg.eval_every, int) or cfg.eval_every < 0:
-        raise ValueError(f"config key 'eval_every' must be an integer >= 0, got {cfg.eval_every!r}")
+    for key in ("eval_every", "checkpoint_every"):
+        value = getattr(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"config key {key!r} must be an integer >= 0, got {value!r}")
+    if not isinstance(cfg.keep_checkpoints, int) or cfg.keep_checkpoints < 1:
+        raise ValueError(f"config key 'keep_checkpoints' must be an integer >= 1, got {cfg.keep_checkpoints!r}")
     if cfg.model.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"config key 'model.dtype' must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.model.trainable not in ("all", "non_embedding"):

@@ -16,12 +16,15 @@ from typing import Any, Iterator
 
 import torch
 
-from zoscale.data import SST2Task, evaluate_accuracy, load_labelled_file, load_rotten_tomatoes, loss_fn, split_train_eval
+from zoscale.data import SST2Task, load_labelled_file, load_rotten_tomatoes, loss_fn, split_train_eval
+from zoscale.data.tasks import label_logits
 from zoscale.models import load_causal_lm
 from zoscale.optim import build_optimizer
+from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
+from zoscale.train.engine import Engine, LocalEngine
 
-__all__ = ["train", "trainable_parameters", "batches"]
+__all__ = ["train", "trainable_parameters", "batches", "evaluate"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -45,7 +48,10 @@ def trainable_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, 
 
 
 def batches(rows: list[dict], batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[dict]]:
-    """Endless batches: a fresh seeded permutation every epoch (local RNG, never the global one)."""
+    """Endless global batches: a fresh seeded permutation every epoch (local RNG, never the global one).
+
+    ``start_step`` skips that many batches, so a resumed run sees the batches it would have seen.
+    """
     per_epoch = max(1, len(rows) // batch_size)
     step = start_step
     while True:
@@ -62,50 +68,97 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Run a fine-tune described by ``cfg``; returns a summary (accuracies, timings, paths)."""
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+@torch.no_grad()
+def evaluate(engine: Engine, rows: list[dict], tokenizer: Any, task: SST2Task, label_ids: list[int],
+             batch_size: int, max_length: int) -> float:
+    """Held-out accuracy, each rank scoring a slice; every rank runs the same number of forwards.
 
+    Sharded engines all-gather parameters inside each forward, so a rank with fewer batches
+    would leave the others waiting: short slices are padded with repeats that are not counted.
+    """
+    rank, world = engine.rank, engine.world_size
+    mine = rows[rank::world]
+    n_batches = -(-len(rows[0::world]) // batch_size)  # rank 0 has the longest slice
+    correct = 0
+    for b in range(n_batches):
+        part = mine[b * batch_size:(b + 1) * batch_size]
+        real = len(part)
+        padded = part + [rows[0]] * (batch_size - real) if real < batch_size else part
+        batch = task.collate(padded, tokenizer, max_length)
+        pred = label_logits(engine.module, batch, label_ids).argmax(-1)[:real].cpu()
+        correct += int((pred == batch["labels"][:real]).sum())
+    counts = engine.all_reduce_sum(torch.tensor([correct, len(mine)], dtype=torch.float64))
+    return float(counts[0] / counts[1])
+
+
+def _load_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
+    model, tokenizer = load_causal_lm(cfg.model.name, dtype=_DTYPES[cfg.model.dtype])
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
+    return model, tokenizer
+
+
+def train(cfg: TrainConfig, progress: bool = True, engine_factory: Any = None) -> dict[str, Any]:
+    """Run a fine-tune described by ``cfg``; returns a summary (accuracies, timings, paths).
+
+    Args:
+        cfg: the run configuration.
+        progress: show a progress bar (rank 0).
+        engine_factory: ``f(model) -> Engine``; default :class:`LocalEngine` (one process, or
+            data-parallel replicas when ``torch.distributed`` is initialised).
+    """
+    out = Path(cfg.output_dir)
     # Data first: a malformed file fails before the model is loaded.
     rows = load_rotten_tomatoes() if cfg.data.path is None else load_labelled_file(cfg.data.path)
     train_rows, eval_rows = split_train_eval(rows, cfg.data.n_train, cfg.data.n_eval, cfg.seed)
     task = SST2Task(label_words=tuple(cfg.data.label_words))
 
-    model, tokenizer = load_causal_lm(cfg.model.name, dtype=_DTYPES[cfg.model.dtype])
-    if tokenizer is None:
-        raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
+    model, tokenizer = _load_model(cfg)
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
     label_ids = task.label_token_ids(tokenizer)
     params = trainable_parameters(model, cfg.model.trainable)
-    options = {"seed": cfg.seed, **cfg.optimizer.params}
-    optimizer = build_optimizer(cfg.optimizer.type, params, options)
+    engine: Engine = (engine_factory or LocalEngine)(model)
+    optimizer = build_optimizer(cfg.optimizer.type, params, {"seed": cfg.seed, **cfg.optimizer.params},
+                                shards=engine.shards)
+    rank, world = engine.rank, engine.world_size
+    lead = rank == 0
+    ckpt_root = out / "checkpoints"
 
-    def evaluate() -> float:
-        return evaluate_accuracy(model, eval_rows, tokenizer, task, batch_size=cfg.eval_batch_size,
-                                 max_length=cfg.data.max_length)
-
-    metrics = (out / "metrics.jsonl").open("w")
+    start = 0
+    if cfg.resume:
+        latest = latest_checkpoint(ckpt_root)
+        if latest is None:
+            raise FileNotFoundError(f"resume requested but {ckpt_root} holds no complete checkpoint")
+        start = load_checkpoint(latest, optimizer, rank, world)
+    if lead:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if lead else None
 
     def record(entry: dict[str, Any]) -> None:
-        metrics.write(json.dumps(entry) + "\n")
-        metrics.flush()
+        if metrics is not None:
+            metrics.write(json.dumps(entry) + "\n")
+            metrics.flush()
+
+    def run_eval() -> float:
+        return evaluate(engine, eval_rows, tokenizer, task, label_ids, cfg.eval_batch_size, cfg.data.max_length)
 
     t_start = time.perf_counter()
-    acc_before = evaluate()
-    record({"step": 0, "eval_accuracy": acc_before})
+    acc_before = run_eval()
+    record({"step": start, "eval_accuracy": acc_before})
     bar = None
-    if progress:
+    if progress and lead:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, desc="zo-train", dynamic_ncols=True)
-    stream = batches(train_rows, cfg.batch_size, cfg.seed)
+        bar = tqdm(total=cfg.steps, initial=start, desc="zo-train", dynamic_ncols=True)
+    micro = cfg.batch_size
+    stream = batches(train_rows, micro * world, cfg.seed, start_step=start)
     acc = acc_before
-    for step in range(1, cfg.steps + 1):
-        batch = task.collate(next(stream), tokenizer, cfg.data.max_length)
+    for step in range(start + 1, cfg.steps + 1):
+        global_batch = next(stream)
+        batch = task.collate(global_batch[rank * micro:(rank + 1) * micro], tokenizer, cfg.data.max_length)
         t0 = time.perf_counter()
-        loss = optimizer.step(lambda: loss_fn(model, batch, label_ids))
+        loss = optimizer.step(lambda: loss_fn(engine.module, batch, label_ids))
         dt = time.perf_counter() - t0
         last = optimizer.step_log[-1]
         entry = {
@@ -115,30 +168,33 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict[str, Any]:
             "lr": last["lr"][0] * optimizer.param_groups[0]["q"],
             "step_s": dt,
             **{f"{k}_s": v for k, v in optimizer.last_step_timing.items()},
-            "examples_per_s": cfg.batch_size / dt,
+            "examples_per_s": micro * world / dt,
             "peak_memory_mb": _peak_memory_mb(),
         }
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            acc = evaluate()
+            acc = run_eval()
             entry["eval_accuracy"] = acc
         record(entry)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(ckpt_root, step, optimizer, rank, world, cfg.keep_checkpoints)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-    acc_after = evaluate()
+    acc_after = run_eval()
     record({"step": cfg.steps, "eval_accuracy": acc_after})
     if bar is not None:
         bar.close()
-    metrics.close()
-    final_dir = None
-    if cfg.save_final:
-        final_dir = out / "final"
-        model.save_pretrained(final_dir)
-        tokenizer.save_pretrained(final_dir)
+    if metrics is not None:
+        metrics.close()
+    final_dir = out / "final" if cfg.save_final else None
+    if final_dir is not None:
+        engine.save_pretrained(final_dir, tokenizer)
     return {
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
+        "start_step": start,
         "steps": cfg.steps,
+        "world_size": world,
         "seconds": time.perf_counter() - t_start,
         "metrics": str(out / "metrics.jsonl"),
         "final_dir": str(final_dir) if final_dir else None,

@@ -1,0 +1,88 @@
+"""Sharded checkpoints: each rank saves the shards it owns, its optimizer state and the data position.
+
+Layout: ``<dir>/step_<N>/rank_<r>.pt`` plus ``<dir>/step_<N>/done`` written last (by rank 0 after
+a barrier), so a checkpoint interrupted mid-write is never picked for resuming.
+A rank's file holds ``{"step", "world_size", "shards": {stable id: local tensor}, "optimizer":
+optimizer.state_dict()}``. Only trainable tensors are saved: frozen ones come back from the base
+model. Resuming needs the same world size and layout; the step log in the optimizer state makes
+the run replayable on any layout (DESIGN.md section 5).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zoscale.optim.base import ZOOptimizer
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        dist.barrier()
+
+
+def _shards(optimizer: ZOOptimizer) -> dict[str, torch.Tensor]:
+    return {e.stable_id: e.view.local for e in optimizer.shard_entries()}
+
+
+def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, world_size: int, keep: int) -> Path:
+    """Write this rank's part of the checkpoint of ``step``; prune old ones (rank 0)."""
+    path = root / f"step_{step:08d}"
+    path.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "step": step,
+        "world_size": world_size,
+        "shards": {k: v.detach().clone() for k, v in _shards(optimizer).items()},
+        "optimizer": optimizer.state_dict(),
+    }
+    tmp = path / f"rank_{rank:05d}.pt.tmp"
+    torch.save(payload, tmp)
+    tmp.rename(path / f"rank_{rank:05d}.pt")
+    _barrier(world_size)
+    if rank == 0:
+        (path / "done").write_text(str(step))
+        done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(world_size)
+    return path
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint under ``root``, or None."""
+    done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, optimizer: ZOOptimizer, rank: int, world_size: int) -> int:
+    """Restore this rank's shards and optimizer state; return the step to continue after."""
+    file = path / f"rank_{rank:05d}.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({file.name})")
+    payload: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=False)
+    if payload["world_size"] != world_size:
+        raise ValueError(
+            f"checkpoint {path} was written by {payload['world_size']} ranks, this run has {world_size}; "
+            "resume with the same world size"
+        )
+    local = _shards(optimizer)
+    missing = sorted(set(local) - set(payload["shards"]))
+    extra = sorted(set(payload["shards"]) - set(local))
+    if missing or extra:
+        raise ValueError(f"checkpoint {file} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, tensor in local.items():
+        saved = payload["shards"][name]
+        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+            raise ValueError(f"checkpoint {file}: {name} is {tuple(saved.shape)} {saved.dtype}, "
+                             f"the model has {tuple(tensor.shape)} {tensor.dtype}")
+    with torch.no_grad():
+        for name, tensor in local.items():
+            tensor.copy_(payload["shards"][name])
+    optimizer.load_state_dict(payload["optimizer"])
+    return int(payload["step"])
