@@ -1,0 +1,257 @@
+"""DeepSpeed: the ZeRO shard provider and the engine builder.
+
+ZeRO-3 keeps each parameter as a flat, padded partition ``p.ds_tensor`` of ``ps =
+ceil(ds_numel / ws)`` elements per rank of the parameter's partition group; rank ``r`` owns
+global flat elements ``[r*ps, r*ps + valid)`` (padding sits at the tail of the last ranks). A
+forward gathers the partitions, so in-place edits of ``ds_tensor[:valid]`` are what the next
+forward sees. :class:`DeepSpeedShards` hands exactly that range to the optimizer.
+
+The exception is a parameter kept whole by ``stage3_param_persistence_threshold``
+(``p.ds_persist``): after DeepSpeed's first, trace-recording forward it stays gathered and
+forwards read ``p.data``, never ``ds_tensor``; DeepSpeed may still release it (trace reset,
+``GatheredParameters`` exit, checkpointing) and re-gather it from ``ds_tensor``. Such a tensor
+is handled as a replica of a full buffer that the provider owns (the gathered ``p.data`` when
+there is one), and the view's ``after_write`` hook copies this rank's range into ``ds_tensor``
+and, if DeepSpeed swapped in a freshly gathered ``p.data``, the whole buffer into it. So both
+copies hold the same values after every pass, whatever DeepSpeed did in between. The buffer is
+obtained once, by one all-gather, in :meth:`DeepSpeedShards.prepare` (called by
+:func:`zero3_engine`), never inside a step.
+
+ZeRO stages 0-2 keep whole parameters on every rank: replica views, as
+:class:`~zoscale.shards.LocalShards`.
+
+:func:`zero3_engine` builds the engine without handing DeepSpeed an optimizer (DeepSpeed would
+wrap it in its ZeRO optimizer, allocating fp32 master and gradient partitions, and its ``step``
+needs gradients) and builds the zoscale optimizer named in the JSON's ``"optimizer"`` section.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Iterable
+
+import torch
+import torch.distributed as dist
+
+from zoscale.shards import LocalShards, ShardView
+
+__all__ = ["DeepSpeedShards", "zero3_engine", "check_optimizer_section", "prepare_ds_config"]
+
+
+# Attribute holding the full value of a persistent ZeRO-3 parameter (see the module docstring).
+_FULL_ATTR = "zoscale_full"
+
+
+def _is_zero3(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_tensor")
+
+
+def _partition(param: torch.Tensor) -> tuple[int, int, int]:
+    """``(rank, ps, valid)`` of this rank's partition of a ZeRO-3 parameter.
+
+    DeepSpeed places partition ``dist.get_rank(group=param.ds_process_group)``
+    (``Init._partition_rank`` in ``runtime/zero/partition_parameters.py``), which differs from
+    the global rank under hierarchical / MiCS partitioning.
+    """
+    group = getattr(param, "ds_process_group", None)
+    rank = dist.get_rank(group=group) if dist.is_initialized() else 0
+    world = dist.get_world_size(group=group) if dist.is_initialized() else 1
+    ps = param.ds_tensor.numel()
+    if ps * world < param.ds_numel:
+        raise RuntimeError(
+            f"ZeRO-3 partition of {ps} elements x {world} ranks cannot hold a parameter of "
+            f"{param.ds_numel} elements: unexpected DeepSpeed layout"
+        )
+    return rank, ps, max(0, min(ps, param.ds_numel - rank * ps))
+
+
+class DeepSpeedShards:
+    """Shard provider for parameters managed by DeepSpeed (ZeRO-3 partitions or replicas).
+
+    Args:
+        loss_group: the data-parallel process group over which the loss pair is averaged
+            (None: the default group).
+
+    Raises (from :meth:`view`):
+        NotImplementedError: ZeRO++ hierarchical partitioning (a secondary partition that
+            forwards read and this provider would not update), quantized or NVMe-offloaded
+            partitions.
+    """
+
+    def __init__(self, loss_group: object | None = None) -> None:
+        self.loss_group = loss_group
+        self._replicas = LocalShards(loss_group)
+
+    # ------------------------------------------------------------------ persistent parameters
+    @staticmethod
+    def _gathered(param: torch.Tensor) -> bool:
+        return param.data.numel() == param.ds_numel
+
+    @staticmethod
+    def _set_full(param: torch.Tensor, full: torch.Tensor) -> None:
+        # Kept on the parameter (as DeepSpeed keeps its ds_* attributes) so that it lives
+        # exactly as long as the parameter; a weak-key dict cannot hold tensors (their == is
+        # element-wise).
+        setattr(param, _FULL_ATTR, full)
+
+    def prepare(self, params: Iterable[torch.Tensor]) -> None:
+        """Obtain the full value of every persistent ZeRO-3 parameter not yet held.
+
+        Collective over the parameters' partition group: every rank must call it with the same
+        parameters in the same order. One all-gather of the persistent parameters that are
+        currently released; nothing if all are gathered or already cached.
+        """
+        missing = []
+        for p in params:
+            if not (_is_zero3(p) and getattr(p, "ds_persist", False)):
+                continue
+            if self._gathered(p):
+                self._set_full(p, p.data.view(-1))
+            elif not hasattr(p, _FULL_ATTR):
+                missing.append(p)
+        if not missing:
+            return
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(missing, modifier_rank=None):
+            for p in missing:
+                self._set_full(p, p.data.detach().reshape(-1).clone())
+
+    def _persistent_view(self, param: torch.Tensor) -> ShardView:
+        if self._gathered(param):
+            # DeepSpeed's gathered copy equals our buffer (it was gathered from partitions that
+            # every pass kept in sync); adopt it so that only one full copy exists.
+            self._set_full(param, param.data.view(-1))
+        elif not hasattr(param, _FULL_ATTR):
+            self.prepare([param])
+        full: torch.Tensor = getattr(param, _FULL_ATTR)
+        rank, ps, valid = _partition(param)
+        start = rank * ps
+
+        def sync() -> None:
+            if valid:
+                param.ds_tensor[:valid].copy_(full[start:start + valid])
+            data = param.data
+            if self._gathered(param) and data.data_ptr() != full.data_ptr():
+                data.view(-1).copy_(full)
+
+        return ShardView(local=full, offset=0, numel=param.ds_numel, global_shape=param.ds_shape,
+                         replicated=True, after_write=sync)
+
+    # ------------------------------------------------------------------ provider protocol
+    def view(self, param: torch.Tensor) -> ShardView:
+        """This rank's view of ``param``: its ZeRO-3 partition, or a replica."""
+        if not _is_zero3(param):
+            return self._replicas.view(param)
+        if getattr(param, "ds_secondary_tensor", None) is not None:
+            raise NotImplementedError(
+                "ZeRO++ hierarchical partitioning (zero_hpz_partition_size > 1) keeps a secondary "
+                "partition that forwards read; zoscale does not update it yet"
+            )
+        if hasattr(param.ds_tensor, "ds_quant_scale") or getattr(param.ds_tensor, "final_location", None) == "nvme":
+            raise NotImplementedError("quantized or NVMe-offloaded ZeRO-3 partitions are not supported")
+        if getattr(param, "ds_persist", False):
+            return self._persistent_view(param)
+        rank, ps, valid = _partition(param)
+        return ShardView(local=param.ds_tensor.data[:valid], offset=rank * ps, numel=param.ds_numel,
+                         global_shape=param.ds_shape, replicated=False)
+
+
+# ---------------------------------------------------------------------- the engine builder
+def check_optimizer_section(section: Any) -> tuple[str, dict[str, Any]]:
+    """Validate a DeepSpeed JSON ``"optimizer"`` section without touching the model.
+
+    The type, the names and the values of its params are checked by building the optimizer on
+    a one-element dummy parameter, so errors surface before DeepSpeed partitions the model.
+
+    Returns:
+        ``(type, params)``.
+
+    Raises:
+        ValueError: not a dict, an unknown key in the section, no ``"type"``, ``"params"`` not a
+            dict, an unknown optimizer type or parameter, or an invalid value (named).
+    """
+    from zoscale.optim import build_optimizer
+
+    if not isinstance(section, dict):
+        raise ValueError(f"Invalid 'optimizer' section: expected a dict, got {type(section).__name__}")
+    unknown = sorted(set(section) - {"type", "params"})
+    if unknown:
+        raise ValueError(f"Unknown key(s) {unknown} in the 'optimizer' section; accepted: ['params', 'type']")
+    if "type" not in section:
+        raise ValueError("The 'optimizer' section has no 'type' (e.g. \"MeZO\")")
+    params = section.get("params", {})
+    if not isinstance(params, dict):
+        raise ValueError(f"Invalid 'optimizer.params': expected a dict, got {type(params).__name__}")
+    build_optimizer(section["type"], [("probe", torch.nn.Parameter(torch.zeros(1)))], params)
+    return section["type"], dict(params)
+
+
+def prepare_ds_config(ds_config: dict[str, Any]) -> tuple[dict[str, Any], torch.dtype | None]:
+    """The config DeepSpeed gets: no optimizer, and stages 1-2 mapped to stage 0.
+
+    DeepSpeed refuses ZeRO stages 1-2 without an optimizer (``runtime/engine.py``,
+    ``_configure_zero_optimizer``: "zero stage N requires an optimizer"), and stage 0 with
+    ``bf16``/``fp16`` wraps a dummy optimizer in its BF16/FP16 optimizer, which allocates fp32
+    copies. Stages 1-2 only partition gradients and optimizer states, which a ZO optimizer does
+    not have, so below stage 3 DeepSpeed gets stage 0 without precision sections and the caller
+    casts the model itself.
+
+    Returns:
+        ``(config for deepspeed.initialize, dtype to cast the model to or None)``.
+    """
+    cfg = copy.deepcopy(ds_config)
+    cfg.pop("optimizer", None)
+    zero = cfg.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if stage >= 3:
+        return cfg, None
+    dtype = None
+    if (cfg.get("bf16") or {}).get("enabled"):
+        dtype = torch.bfloat16
+    elif (cfg.get("fp16") or {}).get("enabled"):
+        dtype = torch.float16
+    cfg.pop("bf16", None)
+    cfg.pop("fp16", None)
+    if "zero_optimization" in cfg:
+        cfg["zero_optimization"] = {**zero, "stage": 0}
+    return cfg, dtype
+
+
+def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: object | None = None) -> tuple[Any, Any]:
+    """Wrap ``model`` in a DeepSpeed engine and build the zoscale optimizer named in the config.
+
+    ``ds_config["optimizer"] = {"type": "MeZO", "params": {...}}`` is validated first (before
+    the model is partitioned), removed from the config DeepSpeed sees, and resolved through
+    :func:`zoscale.optim.build_optimizer` on ``engine.module.named_parameters()`` (names, hence
+    noise ids, equal the unwrapped model's) with ``shards=DeepSpeedShards(loss_group)``.
+    Works for every ZeRO stage; see :func:`prepare_ds_config` for stages 0-2.
+
+    Args:
+        model: the model (plain, or built under ``deepspeed.zero.Init``).
+        ds_config: DeepSpeed config dict with an ``"optimizer"`` section; not modified.
+        loss_group: data-parallel group for the loss pair (None: the default group).
+
+    Returns:
+        ``(engine, optimizer)``. Call ``optimizer.step(closure)`` with a closure that runs
+        ``engine(batch)`` under ``torch.no_grad()`` and returns the mean loss; never
+        ``engine.backward`` / ``engine.step``.
+
+    Raises:
+        ValueError: no or invalid ``"optimizer"`` section (see :func:`check_optimizer_section`).
+    """
+    if "optimizer" not in ds_config:
+        raise ValueError("ds_config has no 'optimizer' section naming the zoscale optimizer")
+    name, options = check_optimizer_section(ds_config["optimizer"])
+    cfg, dtype = prepare_ds_config(ds_config)
+    if dtype is not None:
+        model = model.to(dtype)
+
+    import deepspeed
+    from zoscale.optim import build_optimizer
+
+    engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    shards = DeepSpeedShards(loss_group)
+    params = list(engine.module.named_parameters())
+    shards.prepare(p for _, p in params if p.requires_grad)
+    return engine, build_optimizer(name, params, options, shards=shards)
