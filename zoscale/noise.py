@@ -163,7 +163,10 @@ def _kernel(name: str, force_eager: bool) -> tuple[Callable[..., None], int]:
         cfg = torch._dynamo.config
         cfg.recompile_limit = max(cfg.recompile_limit, 64)
         cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
-        fn = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True)
+        # dynamic_threads: always emit an OpenMP region. Otherwise inductor decides serial vs
+        # parallel from the first call's size, and a small first tensor (a norm weight) would
+        # leave every later pass single-threaded -- and the compile cache would keep it so.
+        fn = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
         _compiled[name] = fn
     return fn, COMPILED_CHUNK
 

@@ -188,3 +188,23 @@ def test_transient_memory_is_bounded_by_the_chunk(backend: str) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     grown = int(out.stdout.strip().splitlines()[-1])
     assert grown < 48 * 2**20, f"a noise pass over 128 MiB grew peak memory by {grown / 2**20:.0f} MiB"
+
+
+def test_kernel_compiled_from_a_small_first_call_is_still_parallel(tmp_path) -> None:
+    """Inductor picks serial vs parallel from the first call's size unless told otherwise."""
+    code = textwrap.dedent(
+        """
+        import glob, os, torch
+        torch.set_num_threads(2)
+        from zoscale import noise
+        noise.axpbz_(torch.zeros(576), 0, 1, 1.0, 1e-3, "rademacher")
+        sources = [open(f).read() for f in glob.glob(os.environ["TORCHINDUCTOR_CACHE_DIR"] + "/**/*.py", recursive=True)]
+        kernels = [s for s in sources if "bitwise_xor" in s]
+        print(len(kernels), all("omp parallel" in s for s in kernels))
+        """
+    )
+    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path), "OMP_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    count, parallel = out.stdout.split()
+    assert int(count) >= 1 and parallel == "True"
