@@ -1,0 +1,394 @@
+"""Per-rank peak-memory benchmark: ZeRO-3 inference vs zoscale MeZO vs DeepSpeed AdamW.
+
+What is measured, per rank, for each (mode, world size) on the same randomly initialised
+``LlamaForCausalLM`` built partitioned under ZeRO-3 (``HfDeepSpeedConfig`` kept alive +
+``LlamaForCausalLM._from_config``; ``stage3_param_persistence_threshold: 0``, fp32) and the same
+global batch of 8 x 32 random tokens (split evenly over the ranks), loss = next-token
+cross-entropy (``labels=input_ids``):
+
+* ``forward_only``: ``deepspeed.initialize`` without optimizer; ``N`` forwards under
+  ``torch.no_grad()`` (the inference floor).
+* ``zo_step``: ``zoscale.engines.zero3_engine`` with ``{"type": "MeZO", "params": {...}}``;
+  ``N`` calls of ``optimizer.step(closure)`` (two no-grad forwards + three noise passes each).
+* ``zo_step_master``: the same with ``master_weights: true`` (expected: + one fp32 copy of the
+  rank's shard).
+* ``adamw_step``: first-order fine-tuning with DeepSpeed's own optimizer, ``"optimizer":
+  {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": true}}`` handed to
+  ``deepspeed.initialize``; ``N`` x ``engine.backward(loss); engine.step()``. ``torch_adam``
+  makes DeepSpeed use ``torch.optim.AdamW`` (its FusedAdam needs a CUDA build).
+
+Each (mode, world) runs in a fresh set of ``torch.multiprocessing.spawn`` gloo ranks, so peaks
+never carry over. Per rank, after the engine is built: ``gc.collect()``, glibc ``malloc_trim(0)``
+(returns freed heap pages, so construction garbage cannot hide the phase's allocations), then
+the high-water mark is reset (``echo 5 > /proc/self/clear_refs``) and ``VmRSS`` is read as the
+baseline. After ``N`` steps ``VmHWM`` is the peak; ``delta = peak - baseline``. Without the
+reset, ``VmHWM`` would still hold the construction peak and the delta could read 0
+(``meta.hwm_reset`` says whether the kernel allowed it). With CUDA,
+``torch.cuda.max_memory_allocated`` is reported as well.
+
+Because CPU RSS also holds the Python/torch/DeepSpeed runtime (hundreds of MiB), the ratios
+that matter are of the *model footprint* ``shard + delta`` (what a GPU's
+``max_memory_allocated`` would show: resident parameter shard + everything the phase adds); the
+ratios of absolute peaks and of deltas are reported too. As a second, allocator-exact
+measurement, after the RSS phase one more step runs under ``torch.profiler`` with
+``profile_memory=True`` and ``alloc_peak_mib`` is the peak of live torch-tensor bytes allocated
+during that step (tensors alive before it, e.g. optimizer states after step 1, are not
+counted: see ``alloc_peak_mib`` in the README of records below; disable with ``--no-alloc``).
+
+zoscale's noise kernels are compiled by ``torch.compile`` on first use; that costs tens to
+hundreds of MiB of RSS (dynamo/inductor code, not tensors) independent of the model size. The ZO
+modes therefore compile the kernels on dummy tensors *before* the baseline and report that cost
+as ``noise_compile_rss_mib`` (``--noise-backend eager`` uses the chunked eager kernels instead).
+
+Run from the repository root (JSON on stdout, progress on stderr)::
+
+    .venv/bin/python benchmarks/bench_memory.py --world 1 2                 # small shape (~13M params)
+    .venv/bin/python benchmarks/bench_memory.py --world 1 2 --shape smollm2 # SmolLM2-135M's shape
+    .venv/bin/python benchmarks/bench_memory.py --quick                     # 2 layers, 1 step, world 1
+
+Fields of a record: ``mode, world, rank, baseline_mib`` (VmRSS after reset), ``peak_mib``
+(VmHWM after N steps), ``delta_mib``, ``shard_mib`` (sum of ``p.ds_tensor.numel() *
+element_size`` over this rank's parameters), ``footprint_mib`` (shard + delta), ``step_s``,
+``alloc_peak_mib``, ``cuda_max_allocated_mib`` (null on CPU), and mode-specific extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import os
+import platform
+import re
+import socket
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+MODES: tuple[str, ...] = ("forward_only", "zo_step", "zo_step_master", "adamw_step")
+SHAPES: dict[str, dict[str, Any]] = {
+    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
+                  num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=False),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+}
+MIB = float(1 << 20)
+TARGET_ZO_OVER_FORWARD = 1.10  # from the issue
+
+
+def log(msg: str) -> None:
+    """Progress message on stderr (stdout carries only the JSON)."""
+    print(f"[bench_memory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------- memory probes
+def proc_status_mib(key: str) -> float:
+    """A ``Vm*`` field of /proc/self/status in MiB."""
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+    if m is None:
+        raise RuntimeError(f"{key} not in /proc/self/status")
+    return int(m.group(1)) / 1024.0
+
+
+def trim_and_reset_hwm() -> bool:
+    """Free garbage, return free heap pages to the OS, reset VmHWM to VmRSS. True if reset worked."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return abs(proc_status_mib("VmHWM") - proc_status_mib("VmRSS")) < 1.0
+
+
+def alloc_peak_mib(fn: Callable[[], Any]) -> float:
+    """Peak of live torch CPU tensor bytes allocated during ``fn()`` (torch.profiler memory events)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
+    events.sort(key=lambda t: t[0])
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak / MIB
+
+
+# ---------------------------------------------------------------------- model and configs
+def ds_config(mode: str, world: int, args: argparse.Namespace) -> dict[str, Any]:
+    """The DeepSpeed config of ``mode`` (fp32, ZeRO-3, nothing kept whole)."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": args.batch // world,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if mode in ("zo_step", "zo_step_master"):
+        cfg["optimizer"] = {"type": "MeZO", "params": {"lr": 1e-6, "eps": 1e-3, "noise": args.noise,
+                                                       "master_weights": mode == "zo_step_master"}}
+    elif mode == "adamw_step":
+        cfg["optimizer"] = {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": True}}
+    return cfg
+
+
+def llama_config(shape: str, quick: bool) -> Any:
+    """A ``LlamaConfig`` of the named shape (``quick``: 2 layers)."""
+    from transformers import LlamaConfig
+
+    kw = dict(SHAPES[shape])
+    if quick:
+        kw["num_hidden_layers"] = 2
+    return LlamaConfig(max_position_embeddings=256, rms_norm_eps=1e-5, **kw)
+
+
+def shard_mib(model: torch.nn.Module) -> tuple[float, int]:
+    """(MiB of this rank's ZeRO-3 partitions, total parameter count)."""
+    nbytes = n = 0
+    for p in model.parameters():
+        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        nbytes += t.numel() * t.element_size()
+        n += int(getattr(p, "ds_numel", p.numel()))
+    return nbytes / MIB, n
+
+
+def precompile_noise(kind: str, master: bool) -> None:
+    """Compile zoscale's noise kernels on dummy fp32 tensors (sizes 1 and 4097, both signs)."""
+    from zoscale import noise
+
+    for n in (4097, 1):
+        x = torch.zeros(n)
+        m = torch.zeros(n)
+        for b in (1e-3, -2e-3):
+            noise.axpbz_(x, 3, 12345, 1.0, b, kind)
+            if master:
+                noise.perturb_from_master_(x, m, 3, 12345, b, kind)
+                noise.update_master_(x, m, 3, 12345, 1.0, b, kind)
+
+
+# ---------------------------------------------------------------------- one rank
+def _worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world), OMP_NUM_THREADS=str(args.threads))
+    if args.noise_backend:
+        os.environ["ZOSCALE_NOISE_BACKEND"] = args.noise_backend
+    torch.set_num_threads(args.threads)
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    import deepspeed.utils.logging as ds_logging
+
+    ds_logging.logger.setLevel("WARNING")
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    try:
+        rec = _measure(rank, world, mode, args)
+        with open(os.path.join(out_dir, f"{mode}_{world}_{rank}.json"), "w") as f:
+            json.dump(rec, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    import deepspeed
+    from transformers import LlamaForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    cuda = torch.cuda.is_available()
+    cfg = ds_config(mode, world, args)
+    rss_start = proc_status_mib("VmRSS")
+    torch.manual_seed(0)
+    hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841  (must stay alive while the model is built)
+    model = LlamaForCausalLM._from_config(llama_config(args.shape, args.quick))
+    model.config.use_cache = False
+    extra: dict[str, Any] = {}
+    optimizer: Any = None
+    if mode == "forward_only":
+        engine, *_ = deepspeed.initialize(model=model, config=cfg)
+    elif mode.startswith("zo_step"):
+        from zoscale.engines import zero3_engine
+
+        engine, optimizer = zero3_engine(model, cfg)
+    else:
+        engine, optimizer, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+        extra["ds_optimizer"] = type(optimizer).__name__
+        inner = getattr(optimizer, "optimizer", None)
+        extra["inner_optimizer"] = type(inner).__name__ if inner is not None else None
+    del model
+    shard, n_params = shard_mib(engine.module)
+    extra["rss_after_build_mib"] = proc_status_mib("VmRSS") - rss_start
+
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), generator=g)
+    per = args.batch // world
+    x = ids[rank * per:(rank + 1) * per].contiguous()
+
+    def loss() -> torch.Tensor:
+        return engine(input_ids=x, labels=x).loss
+
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            return loss()
+
+    if mode == "forward_only":
+        def step() -> float:
+            return float(closure())
+    elif mode.startswith("zo_step"):
+        before = proc_status_mib("VmRSS")
+        if (os.environ.get("ZOSCALE_NOISE_BACKEND") or "compiled") == "compiled":
+            precompile_noise(args.noise, mode == "zo_step_master")
+        extra["noise_compile_rss_mib"] = proc_status_mib("VmRSS") - before
+
+        def step() -> float:
+            return float(optimizer.step(closure))
+    else:
+        def step() -> float:
+            loss_value = loss()
+            engine.backward(loss_value)
+            engine.step()
+            return float(loss_value)
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    dist.barrier()
+    hwm_reset = trim_and_reset_hwm()
+    baseline = proc_status_mib("VmRSS")
+    t0 = time.perf_counter()
+    losses = [step() for _ in range(args.steps)]
+    step_s = (time.perf_counter() - t0) / args.steps
+    peak = proc_status_mib("VmHWM")
+    cuda_peak = torch.cuda.max_memory_allocated() / MIB if cuda else None
+    dist.barrier()
+    alloc = alloc_peak_mib(step) if args.alloc else None
+    delta = peak - baseline
+    return dict(mode=mode, world=world, rank=rank, baseline_mib=round(baseline, 2), peak_mib=round(peak, 2),
+                delta_mib=round(delta, 2), shard_mib=round(shard, 3), footprint_mib=round(shard + delta, 2),
+                alloc_peak_mib=None if alloc is None else round(alloc, 2),
+                cuda_max_allocated_mib=cuda_peak, step_s=round(step_s, 3), losses=[round(v, 5) for v in losses],
+                hwm_reset=hwm_reset, n_params=n_params, micro_batch=per, threads=args.threads,
+                **{k: (round(v, 2) if isinstance(v, float) else v) for k, v in extra.items()})
+
+
+# ---------------------------------------------------------------------- driver
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_config(mode: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Spawn ``world`` fresh ranks for ``mode``; return their records sorted by rank."""
+    with tempfile.TemporaryDirectory(prefix="bench_memory_") as out:
+        mp.spawn(_worker, args=(world, free_port(), mode, args, out), nprocs=world, join=True)
+        recs = []
+        for r in range(world):
+            with open(os.path.join(out, f"{mode}_{world}_{r}.json")) as f:
+                recs.append(json.load(f))
+    return recs
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else round(a / b, 4)
+
+
+def summarize(records: list[dict[str, Any]], modes: list[str], worlds: list[int]) -> dict[str, Any]:
+    """Ratios per world, from the maximum over ranks of each quantity."""
+    out: dict[str, Any] = {}
+    keys = ("footprint_mib", "peak_mib", "delta_mib", "alloc_peak_mib")
+    for w in worlds:
+        agg: dict[str, dict[str, float | None]] = {}
+        for m in modes:
+            rs = [r for r in records if r["mode"] == m and r["world"] == w]
+            if rs:
+                agg[m] = {k: (max(r[k] for r in rs) if rs[0][k] is not None else None) for k in keys}
+        s: dict[str, Any] = {}
+        for name, num, den in (("zo_over_forward", "zo_step", "forward_only"),
+                               ("zo_master_over_forward", "zo_step_master", "forward_only"),
+                               ("adamw_over_zo", "adamw_step", "zo_step")):
+            if num in agg and den in agg:
+                s[name] = {f"by_{k[:-4]}": _ratio(agg[num][k], agg[den][k]) for k in keys}
+        if "zo_over_forward" in s:
+            v = s["zo_over_forward"]["by_footprint"]
+            s["zo_meets_1.10x_target_by_footprint"] = None if v is None else v <= TARGET_ZO_OVER_FORWARD
+        if "zo_step_master" in agg and "zo_step" in agg:
+            shard = max(r["shard_mib"] for r in records if r["mode"] == "zo_step" and r["world"] == w)
+            s["master_extra_mib"] = round(agg["zo_step_master"]["footprint_mib"] - agg["zo_step"]["footprint_mib"], 2)
+            s["master_expected_mib"] = round(shard, 2)
+        out[f"world_{w}"] = s
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--world", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
+    ap.add_argument("--steps", type=int, default=3, help="N steps per phase (default 3)")
+    ap.add_argument("--batch", type=int, default=8, help="global batch, split over ranks")
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--noise", choices=("gaussian", "rademacher"), default="gaussian")
+    ap.add_argument("--noise-backend", choices=("compiled", "eager"), default=None,
+                    help="ZOSCALE_NOISE_BACKEND for the ranks (default: inherited / compiled)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--no-alloc", dest="alloc", action="store_false",
+                    help="skip the profiler-based tensor peak (one extra step)")
+    ap.add_argument("--quick", action="store_true", help="2 layers, 1 step, world 1")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.steps = 1
+        if argv is None and "--world" not in sys.argv:
+            args.world = [1]
+    for w in args.world:
+        if args.batch % w:
+            ap.error(f"--batch {args.batch} is not divisible by world {w}")
+
+    import deepspeed
+    import transformers
+
+    records: list[dict[str, Any]] = []
+    t0 = time.time()
+    for w in args.world:
+        for m in args.modes:
+            log(f"{m} world={w} ...")
+            t = time.perf_counter()
+            recs = run_config(m, w, args)
+            records += recs
+            log(f"  done in {time.perf_counter() - t:.1f}s: "
+                + ", ".join(f"r{r['rank']} delta {r['delta_mib']} MiB shard {r['shard_mib']:.1f}" for r in recs))
+    result = dict(
+        meta=dict(torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__,
+                  python=platform.python_version(), shape=args.shape, quick=args.quick,
+                  model_config={**SHAPES[args.shape], **({"num_hidden_layers": 2} if args.quick else {})},
+                  n_params=records[0]["n_params"] if records else None, dtype="float32",
+                  batch=args.batch, seq=args.seq, steps=args.steps, noise=args.noise,
+                  noise_backend=args.noise_backend or os.environ.get("ZOSCALE_NOISE_BACKEND", "compiled"),
+                  threads_per_rank=args.threads, cuda=torch.cuda.is_available(),
+                  adamw_config=ds_config("adamw_step", 1, args)["optimizer"],
+                  timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
+                  wall_s=round(time.time() - t0, 1),
+                  hwm_reset=all(r["hwm_reset"] for r in records),
+                  load_avg=os.getloadavg()),
+        records=records,
+        summary=summarize(records, args.modes, args.world),
+    )
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
