@@ -299,6 +299,15 @@ def load_smollm2(
     return model.eval(), _prepare_tokenizer(tokenizer)
 
 
+def prepare_model(name_or_path: str | os.PathLike[str]) -> None:
+    """Do a model's one-time preparation (the SmolLM2 GGUF conversion); no-op for others.
+
+    Launchers call it on one rank before every rank loads, so ranks never convert concurrently.
+    """
+    if str(name_or_path) == "smollm2-135m" and not _is_converted(smollm2_cache_dir()):
+        _convert_smollm2(smollm2_cache_dir())
+
+
 #: Names :func:`load_causal_lm` accepts besides a folder path.
 MODEL_NAMES = ("smollm2-135m", "tiny-llama", "tiny-opt")
 
@@ -320,7 +329,8 @@ def load_causal_lm(
         that holds only a model (a checkpoint saved without its tokenizer).
 
     Raises:
-        ValueError: ``name_or_path`` is neither a known name nor an existing folder.
+        ValueError: ``name_or_path`` is neither a known name, an existing folder nor a hub
+            name that can be fetched.
     """
     name = str(name_or_path)
     if name == "smollm2-135m":
@@ -331,7 +341,15 @@ def load_causal_lm(
         return tiny_opt(dtype=dtype), tiny_tokenizer()
     folder = Path(name).expanduser()
     if not folder.is_dir():
-        raise ValueError(f"Unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)} or a local folder")
+        if name.startswith((".", "/", "~")) or name.count("/") != 1:
+            raise ValueError(f"Unknown model {name!r}: expected one of {', '.join(MODEL_NAMES)}, "
+                             "a local folder, or a hub name such as 'facebook/opt-125m'")
+        try:  # a hub name, where a network exists
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            raise ValueError(f"could not load model {name!r} from the hub (no network here?): {e}") from None
+        return model.eval(), _prepare_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if not any((folder / f).is_file() for f in tokenizer_files):

@@ -27,7 +27,10 @@ needs gradients) and builds the zoscale optimizer named in the JSON's ``"optimiz
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+from pathlib import Path
 from typing import Any, Iterable
 
 import torch
@@ -35,7 +38,8 @@ import torch.distributed as dist
 
 from zoscale.shards import LocalShards, ShardView
 
-__all__ = ["DeepSpeedShards", "zero3_engine", "check_optimizer_section", "prepare_ds_config"]
+__all__ = ["DeepSpeedShards", "DeepSpeedEngine", "DeepSpeedBuilder", "zero3_engine", "check_optimizer_section",
+           "prepare_ds_config", "load_ds_config", "disable_shm_comm_build"]
 
 
 # Attribute holding the full value of a persistent ZeRO-3 parameter (see the module docstring).
@@ -218,6 +222,125 @@ def prepare_ds_config(ds_config: dict[str, Any]) -> tuple[dict[str, Any], torch.
     return cfg, dtype
 
 
+def disable_shm_comm_build() -> None:
+    """Skip DeepSpeed's shared-memory comm op on CPU (a ~70 s JIT build that gloo does not use)."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def load_ds_config(path: str | Path) -> dict[str, Any]:
+    """Read and check a DeepSpeed JSON for zoscale, before any model is loaded.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not JSON, no ``train_micro_batch_size_per_gpu`` (or not a positive int),
+            or a bad ``"optimizer"`` section (see :func:`check_optimizer_section`); named.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"DeepSpeed config not found: {p}")
+    try:
+        cfg = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"DeepSpeed config {p} must be a JSON object")
+    micro = cfg.get("train_micro_batch_size_per_gpu")
+    if micro is None:
+        raise ValueError(f"DeepSpeed config {p} has no 'train_micro_batch_size_per_gpu' (the per-rank micro-batch)")
+    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
+        raise ValueError(f"DeepSpeed config {p}: 'train_micro_batch_size_per_gpu' must be a positive integer, got {micro!r}")
+    if "optimizer" not in cfg:
+        raise ValueError(f"DeepSpeed config {p} has no 'optimizer' section naming the zoscale optimizer "
+                         "(e.g. {\"type\": \"MeZO\", \"params\": {\"lr\": 1e-6, \"eps\": 1e-3}})")
+    try:
+        check_optimizer_section(cfg["optimizer"])
+    except ValueError as e:
+        raise ValueError(f"DeepSpeed config {p}: {e}") from None
+    return cfg
+
+
+def ds_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The compute dtype a DeepSpeed config asks for (``bf16`` / ``fp16`` sections)."""
+    if (ds_config.get("bf16") or {}).get("enabled"):
+        return torch.bfloat16
+    if (ds_config.get("fp16") or {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
+class DeepSpeedEngine:
+    """The trainer's view of a DeepSpeed engine (see ``zoscale.train.engine.Engine``).
+
+    DeepSpeed gets the config without its ``"optimizer"`` section (see :func:`prepare_ds_config`);
+    the zoscale optimizer is built by the caller on ``module.named_parameters()`` with
+    ``shards``. Persistent ZeRO-3 parameters that are trainable are gathered once here.
+    """
+
+    def __init__(self, model: torch.nn.Module, ds_config: dict[str, Any], loss_group: object | None = None) -> None:
+        import deepspeed
+
+        disable_shm_comm_build()
+        cfg, dtype = prepare_ds_config(ds_config)
+        if dtype is not None:
+            model = model.to(dtype)
+        self.engine, *_ = deepspeed.initialize(model=model, config=cfg)
+        self.module: torch.nn.Module = self.engine.module
+        self.shards = DeepSpeedShards(loss_group)
+        self.shards.prepare(p for p in self.module.parameters() if p.requires_grad)
+        self.zero_stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def save_pretrained(self, path: Path, tokenizer: Any) -> None:
+        """Consolidate the partitions (collective) and write a Hugging Face folder on rank 0."""
+        state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero_stage >= 3 else None
+        if self.rank == 0:
+            self.module.save_pretrained(path, state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(path)
+        if self.world_size > 1:
+            dist.barrier()
+
+
+class DeepSpeedBuilder:
+    """Builds a :class:`DeepSpeedEngine`; under ZeRO-3 the model is partitioned while it loads.
+
+    Args:
+        ds_config: the DeepSpeed config (checked with :func:`load_ds_config`).
+    """
+
+    name = "deepspeed"
+
+    def __init__(self, ds_config: dict[str, Any]) -> None:
+        self.ds_config = ds_config
+        self._hf_ds_config: Any = None
+
+    def loading(self) -> contextlib.AbstractContextManager[None]:
+        stage = int((self.ds_config.get("zero_optimization") or {}).get("stage", 0))
+        if stage < 3:
+            return contextlib.nullcontext()
+        disable_shm_comm_build()
+        from transformers.integrations import HfDeepSpeedConfig
+
+        # transformers partitions at from_pretrained/from_config while this object is alive
+        # (kept on the builder for the engine's lifetime, as transformers requires).
+        cfg, _ = prepare_ds_config(self.ds_config)
+        self._hf_ds_config = HfDeepSpeedConfig(cfg)
+        return contextlib.nullcontext()
+
+    def build(self, model: torch.nn.Module) -> DeepSpeedEngine:
+        return DeepSpeedEngine(model, self.ds_config)
+
+
 def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: object | None = None) -> tuple[Any, Any]:
     """Wrap ``model`` in a DeepSpeed engine and build the zoscale optimizer named in the config.
 
@@ -233,9 +356,9 @@ def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: 
         loss_group: data-parallel group for the loss pair (None: the default group).
 
     Returns:
-        ``(engine, optimizer)``. Call ``optimizer.step(closure)`` with a closure that runs
-        ``engine(batch)`` under ``torch.no_grad()`` and returns the mean loss; never
-        ``engine.backward`` / ``engine.step``.
+        ``(engine, optimizer)``: the DeepSpeed engine and the zoscale optimizer. Call
+        ``optimizer.step(closure)`` with a closure that runs the model under ``torch.no_grad()``
+        and returns the mean loss; never ``engine.backward`` / ``engine.step``.
 
     Raises:
         ValueError: no or invalid ``"optimizer"`` section (see :func:`check_optimizer_section`).
@@ -243,15 +366,8 @@ def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: 
     if "optimizer" not in ds_config:
         raise ValueError("ds_config has no 'optimizer' section naming the zoscale optimizer")
     name, options = check_optimizer_section(ds_config["optimizer"])
-    cfg, dtype = prepare_ds_config(ds_config)
-    if dtype is not None:
-        model = model.to(dtype)
-
-    import deepspeed
     from zoscale.optim import build_optimizer
 
-    engine, *_ = deepspeed.initialize(model=model, config=cfg)
-    shards = DeepSpeedShards(loss_group)
-    params = list(engine.module.named_parameters())
-    shards.prepare(p for _, p in params if p.requires_grad)
-    return engine, build_optimizer(name, params, options, shards=shards)
+    wrapped = DeepSpeedEngine(model, ds_config, loss_group)
+    params = list(wrapped.module.named_parameters())
+    return wrapped.engine, build_optimizer(name, params, options, shards=wrapped.shards)

@@ -8,6 +8,7 @@ or every rank a full replica under torchrun); DeepSpeed in ``zoscale.engines.dee
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from zoscale.shards import LocalShards, ShardProvider
 
-__all__ = ["Engine", "LocalEngine"]
+__all__ = ["Engine", "EngineBuilder", "LocalEngine", "LocalBuilder"]
 
 
 class Engine(Protocol):
@@ -34,6 +35,20 @@ class Engine(Protocol):
 
     def save_pretrained(self, path: Path, tokenizer: Any) -> None:
         """Write the full (consolidated) model as a Hugging Face folder; rank 0 writes."""
+        ...
+
+
+class EngineBuilder(Protocol):
+    """Makes an engine: a context to construct the model in, then the wrapping."""
+
+    name: str
+
+    def loading(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model is constructed (e.g. partitioned at load for ZeRO-3)."""
+        ...
+
+    def build(self, model: torch.nn.Module) -> Engine:
+        """Wrap the loaded model."""
         ...
 
 
@@ -64,3 +79,16 @@ class LocalEngine:
                 tokenizer.save_pretrained(path)
         if self.world_size > 1:
             dist.barrier()
+
+
+class LocalBuilder:
+    """Builds a :class:`LocalEngine`; the model is loaded plainly."""
+
+    name = "local"
+
+    def loading(self) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model is constructed (nothing special for replicas)."""
+        return contextlib.nullcontext()
+
+    def build(self, model: torch.nn.Module) -> LocalEngine:
+        return LocalEngine(model)
