@@ -1,33 +1,52 @@
 """Fine-tune a causal LM with a zeroth-order optimizer.
 
-    python launch/train.py                                   # the bundled default job
-    python launch/train.py --config my.json steps=500 optimizer.params.lr=1e-5
+    python launch/train.py                                            # default job, one process
+    deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero3_mezo.json
+    torchrun --nproc_per_node 2 launch/train.py                       # data-parallel replicas
+    accelerate launch --config_file launch/accelerate_zero3.yaml launch/train.py
+    python launch/train.py --config run.json steps=500 optimizer.params.lr=1e-5
 
-Everything is in ``zoscale.train``; this file only parses arguments.
+With ``--ds_config`` the DeepSpeed JSON names the optimizer (its "optimizer" section), the
+per-rank micro-batch (train_micro_batch_size_per_gpu) and the precision (bf16 / fp16).
+Everything else is ``zoscale.train``; this file only parses arguments and starts the processes.
 """
 
-import argparse
-import json
 import os
 import sys
 
-os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+# Before torch is imported: one OpenMP pool per rank, sized to this machine's share.
+_local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _local_world)))
 
-from zoscale.train import load_config, train  # noqa: E402
+import argparse  # noqa: E402
+import json  # noqa: E402
+
+from zoscale.train.launch import run_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="JSON run configuration (see zoscale/train/config.py)")
+    parser.add_argument("--config", help="JSON run configuration (fields: zoscale/train/config.py)")
+    parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (engine: deepspeed)")
+    parser.add_argument("--engine", choices=["local", "deepspeed"], help="default: deepspeed with --ds_config, else local")
+    parser.add_argument("--model", help="local HF folder, hub name, smollm2-135m (default), tiny-llama, tiny-opt")
+    parser.add_argument("--data", help="local JSONL/CSV with sentence,label (default: bundled Rotten Tomatoes)")
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--eval_every", type=int)
+    parser.add_argument("--checkpoint_every", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--output_dir")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 model.dtype=bfloat16")
-    args = parser.parse_args(argv)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.n_eval=400")
+    args = parser.parse_intermixed_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        summary = run_from_args(args)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"error: {e}\n")
-    summary = train(cfg, progress=not args.no_progress)
-    print(json.dumps(summary, indent=2))
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
     return 0
 
 

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 
 from zoscale.data import SST2Task, load_labelled_file, load_rotten_tomatoes, loss_fn, split_train_eval
 from zoscale.data.tasks import label_logits
-from zoscale.models import load_causal_lm
+from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
 from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
-from zoscale.train.engine import Engine, LocalEngine
+from zoscale.train.engine import Engine, EngineBuilder, LocalBuilder
 
 __all__ = ["train", "trainable_parameters", "batches", "evaluate"]
 
@@ -98,14 +99,23 @@ def _load_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
     return model, tokenizer
 
 
-def train(cfg: TrainConfig, progress: bool = True, engine_factory: Any = None) -> dict[str, Any]:
+def _prepare_once(name: str) -> None:
+    """One-time model preparation on rank 0 while the others wait (no concurrent conversion)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if not distributed or dist.get_rank() == 0:
+        prepare_model(name)
+    if distributed:
+        dist.barrier()
+
+
+def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None = None) -> dict[str, Any]:
     """Run a fine-tune described by ``cfg``; returns a summary (accuracies, timings, paths).
 
     Args:
         cfg: the run configuration.
         progress: show a progress bar (rank 0).
-        engine_factory: ``f(model) -> Engine``; default :class:`LocalEngine` (one process, or
-            data-parallel replicas when ``torch.distributed`` is initialised).
+        builder: makes the engine; default :class:`~zoscale.train.engine.LocalBuilder` (one
+            process, or data-parallel replicas when ``torch.distributed`` is initialised).
     """
     out = Path(cfg.output_dir)
     # Data first: a malformed file fails before the model is loaded.
@@ -113,11 +123,14 @@ def train(cfg: TrainConfig, progress: bool = True, engine_factory: Any = None) -
     train_rows, eval_rows = split_train_eval(rows, cfg.data.n_train, cfg.data.n_eval, cfg.seed)
     task = SST2Task(label_words=tuple(cfg.data.label_words))
 
-    model, tokenizer = _load_model(cfg)
+    builder = builder or LocalBuilder()
+    _prepare_once(cfg.model.name)
+    with builder.loading():
+        model, tokenizer = _load_model(cfg)
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
     label_ids = task.label_token_ids(tokenizer)
     params = trainable_parameters(model, cfg.model.trainable)
-    engine: Engine = (engine_factory or LocalEngine)(model)
+    engine: Engine = builder.build(model)
     optimizer = build_optimizer(cfg.optimizer.type, params, {"seed": cfg.seed, **cfg.optimizer.params},
                                 shards=engine.shards)
     rank, world = engine.rank, engine.world_size

@@ -1,0 +1,107 @@
+"""From command-line arguments to a running job: config, process group, engine, train.
+
+Used by ``launch/train.py`` under ``python``, ``deepspeed``, ``torchrun`` and ``accelerate launch``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from zoscale.train.config import OptimConfig, TrainConfig, load_config, validate
+from zoscale.train.engine import EngineBuilder, LocalBuilder
+from zoscale.train.trainer import train
+
+__all__ = ["run_from_args", "resolve_config", "ds_config_path"]
+
+_FLAG_KEYS = {"model": "model.name", "data": "data.path", "steps": "steps", "eval_every": "eval_every",
+              "checkpoint_every": "checkpoint_every", "seed": "seed", "output_dir": "output_dir"}
+# Settings a DeepSpeed JSON owns; setting them elsewhere too would silently have no effect.
+_DS_OWNED = ("optimizer", "batch_size", "model.dtype")
+
+
+def ds_config_path(args: argparse.Namespace) -> str | None:
+    """``--ds_config``, or the DeepSpeed config file that ``accelerate launch`` hands over."""
+    if getattr(args, "ds_config", None):
+        return args.ds_config
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path:
+            raise ValueError("accelerate launch with DeepSpeed needs 'deepspeed_config_file' in its config "
+                             "(zoscale reads the optimizer and micro-batch from that DeepSpeed JSON)")
+        return path
+    return None
+
+
+def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
+    """The run config (file, flags, overrides, DeepSpeed JSON), all checked before any model loads."""
+    overrides = list(args.overrides or [])
+    for flag, key in _FLAG_KEYS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "resume", False):
+        overrides.append("resume=true")
+    ds_path = ds_config_path(args)
+    engine = getattr(args, "engine", None) or ("deepspeed" if ds_path else "local")
+    if engine == "deepspeed" and not ds_path:
+        raise ValueError("--engine deepspeed needs --ds_config PATH")
+    ds_config = None
+    if ds_path:
+        clash = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith(_DS_OWNED)]
+        if clash:
+            raise ValueError(f"{clash} come from the DeepSpeed JSON ({ds_path}): set them there, not on the command line")
+    cfg = load_config(args.config, overrides)
+    if ds_path:
+        from zoscale.engines.deepspeed import ds_dtype, load_ds_config
+
+        ds_config = load_ds_config(ds_path)
+        cfg.batch_size = ds_config["train_micro_batch_size_per_gpu"]
+        section = ds_config["optimizer"]
+        cfg.optimizer = OptimConfig(type=section["type"], params=dict(section.get("params", {})))
+        cfg.model.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(ds_dtype(ds_config), "float32")
+        validate(cfg)
+    return cfg, ds_config
+
+
+def _init_distributed(deepspeed_engine: bool) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if dist.is_initialized() or (world <= 1 and not deepspeed_engine):
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if deepspeed_engine:
+        import deepspeed
+
+        from zoscale.engines.deepspeed import disable_shm_comm_build
+
+        disable_shm_comm_build()
+        deepspeed.init_distributed(dist_backend=backend)
+    else:
+        dist.init_process_group(backend)
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Resolve the config, start the process group, build the engine, train; rank 0 returns the summary."""
+    cfg, ds_config = resolve_config(args)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    _init_distributed(ds_config is not None)
+    builder: EngineBuilder
+    if ds_config is not None:
+        from zoscale.engines.deepspeed import DeepSpeedBuilder
+
+        builder = DeepSpeedBuilder(ds_config)
+    else:
+        builder = LocalBuilder()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        summary = train(cfg, progress=not args.no_progress and rank == 0, builder=builder)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return summary if rank == 0 else None
