@@ -26,14 +26,20 @@ reset, ``VmHWM`` would still hold the construction peak and the delta could read
 (``meta.hwm_reset`` says whether the kernel allowed it). With CUDA,
 ``torch.cuda.max_memory_allocated`` is reported as well.
 
-Because CPU RSS also holds the Python/torch/DeepSpeed runtime (hundreds of MiB), the ratios
-that matter are of the *model footprint* ``shard + delta`` (what a GPU's
-``max_memory_allocated`` would show: resident parameter shard + everything the phase adds); the
-ratios of absolute peaks and of deltas are reported too. As a second, allocator-exact
-measurement, after the RSS phase one more step runs under ``torch.profiler`` with
-``profile_memory=True`` and ``alloc_peak_mib`` is the peak of live torch-tensor bytes allocated
-during that step (tensors alive before it, e.g. optimizer states after step 1, are not
-counted: see ``alloc_peak_mib`` in the README of records below; disable with ``--no-alloc``).
+``delta`` misses what an engine allocates while it is *built*: DeepSpeed's stage-3 optimizer
+allocates its fp32 partitions and gradient buffers in ``deepspeed.initialize``. So the same
+trim + reset is also done before the model is constructed (runtime imported, nothing built):
+``footprint = peak - pre_model`` is everything the model, engine and steps added (shard,
+optimizer state, buffers, activations): the CPU analogue of a GPU's ``max_memory_allocated``,
+free of the Python/torch/DeepSpeed runtime (hundreds of MiB of RSS). The summary's ratios are
+given by footprint (the meaningful one), by absolute peak and by delta.
+
+As an allocator-exact cross-check, after the RSS phase one more step runs under
+``torch.profiler`` (``profile_memory=True``) and ``alloc_peak_mib`` is the peak of torch-tensor
+bytes allocated *during* that step over those alive before it (steady state: optimizer states
+and master weights made in step 1 are not in it). ``by_tensors`` in the summary adds the
+persistent tensors known exactly (the shard; plus one fp32 shard for master weights); it is not
+computed for AdamW. ``--no-alloc`` skips it.
 
 zoscale's noise kernels are compiled by ``torch.compile`` on first use; that costs tens to
 hundreds of MiB of RSS (dynamo/inductor code, not tensors) independent of the model size. The ZO
@@ -48,7 +54,8 @@ Run from the repository root (JSON on stdout, progress on stderr)::
 
 Fields of a record: ``mode, world, rank, baseline_mib`` (VmRSS after reset), ``peak_mib``
 (VmHWM after N steps), ``delta_mib``, ``shard_mib`` (sum of ``p.ds_tensor.numel() *
-element_size`` over this rank's parameters), ``footprint_mib`` (shard + delta), ``step_s``,
+element_size`` over this rank's parameters), ``pre_model_mib``, ``footprint_mib`` (peak -
+pre_model), ``build_rss_mib`` (RSS the build added), ``step_s``,
 ``alloc_peak_mib``, ``cuda_max_allocated_mib`` (null on CPU), and mode-specific extras.
 """
 
@@ -120,8 +127,10 @@ def alloc_peak_mib(fn: Callable[[], Any]) -> float:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = [(e.time_range.start, e.cpu_memory_usage) for e in prof.events() if e.name == "[memory]"]
-    events.sort(key=lambda t: t[0])
+    # Raw kineto records: every allocation/free (prof.events() folds those made inside ops
+    # into the ops' inclusive totals).
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
     live = peak = 0
     for _, nbytes in events:
         live += nbytes
@@ -168,17 +177,23 @@ def shard_mib(model: torch.nn.Module) -> tuple[float, int]:
 
 
 def precompile_noise(kind: str, master: bool) -> None:
-    """Compile zoscale's noise kernels on dummy fp32 tensors (sizes 1 and 4097, both signs)."""
+    """Compile zoscale's noise kernels on dummy fp32 tensors.
+
+    Covers dynamo's 0/1 specialisations of the size and of the start offset (rank 0's shards
+    start at 0), so that the measured steps do not compile new graphs.
+    """
     from zoscale import noise
 
     for n in (4097, 1):
         x = torch.zeros(n)
         m = torch.zeros(n)
-        for b in (1e-3, -2e-3):
-            noise.axpbz_(x, 3, 12345, 1.0, b, kind)
-            if master:
-                noise.perturb_from_master_(x, m, 3, 12345, b, kind)
-                noise.update_master_(x, m, 3, 12345, 1.0, b, kind)
+        for start in (0, 1, 3 + (1 << 24)):
+            for b in (1e-3, -2e-3):
+                noise.axpbz_(x, start, 12345, 1.0, b, kind)
+                noise.axpbz_(x, start, -12345, 0.5, b, kind)
+                if master:
+                    noise.perturb_from_master_(x, m, start, 12345, b, kind)
+                    noise.update_master_(x, m, start, 12345, 0.5, b, kind)
 
 
 # ---------------------------------------------------------------------- one rank
@@ -210,12 +225,19 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
 
     cuda = torch.cuda.is_available()
     cfg = ds_config(mode, world, args)
-    rss_start = proc_status_mib("VmRSS")
+    extra: dict[str, Any] = {}
+    if mode.startswith("zo_step") and (os.environ.get("ZOSCALE_NOISE_BACKEND") or "compiled") == "compiled":
+        before = proc_status_mib("VmRSS")
+        precompile_noise(args.noise, mode == "zo_step_master")
+        extra["noise_compile_rss_mib"] = proc_status_mib("VmRSS") - before
+    import zoscale.engines  # noqa: F401  (imported before the pre-model baseline, as deepspeed is)
+
+    trim_and_reset_hwm()
+    pre_model = proc_status_mib("VmRSS")
     torch.manual_seed(0)
     hf_ds = HfDeepSpeedConfig(cfg)  # noqa: F841  (must stay alive while the model is built)
     model = LlamaForCausalLM._from_config(llama_config(args.shape, args.quick))
     model.config.use_cache = False
-    extra: dict[str, Any] = {}
     optimizer: Any = None
     if mode == "forward_only":
         engine, *_ = deepspeed.initialize(model=model, config=cfg)
@@ -230,7 +252,7 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
         extra["inner_optimizer"] = type(inner).__name__ if inner is not None else None
     del model
     shard, n_params = shard_mib(engine.module)
-    extra["rss_after_build_mib"] = proc_status_mib("VmRSS") - rss_start
+    extra["build_rss_mib"] = proc_status_mib("VmRSS") - pre_model
 
     g = torch.Generator().manual_seed(1234)
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), generator=g)
@@ -248,11 +270,6 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
         def step() -> float:
             return float(closure())
     elif mode.startswith("zo_step"):
-        before = proc_status_mib("VmRSS")
-        if (os.environ.get("ZOSCALE_NOISE_BACKEND") or "compiled") == "compiled":
-            precompile_noise(args.noise, mode == "zo_step_master")
-        extra["noise_compile_rss_mib"] = proc_status_mib("VmRSS") - before
-
         def step() -> float:
             return float(optimizer.step(closure))
     else:
@@ -276,8 +293,9 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
     dist.barrier()
     alloc = alloc_peak_mib(step) if args.alloc else None
     delta = peak - baseline
-    return dict(mode=mode, world=world, rank=rank, baseline_mib=round(baseline, 2), peak_mib=round(peak, 2),
-                delta_mib=round(delta, 2), shard_mib=round(shard, 3), footprint_mib=round(shard + delta, 2),
+    return dict(mode=mode, world=world, rank=rank, pre_model_mib=round(pre_model, 2),
+                baseline_mib=round(baseline, 2), peak_mib=round(peak, 2), delta_mib=round(delta, 2),
+                shard_mib=round(shard, 3), footprint_mib=round(peak - pre_model, 2),
                 alloc_peak_mib=None if alloc is None else round(alloc, 2),
                 cuda_max_allocated_mib=cuda_peak, step_s=round(step_s, 3), losses=[round(v, 5) for v in losses],
                 hwm_reset=hwm_reset, n_params=n_params, micro_batch=per, threads=args.threads,
@@ -322,6 +340,16 @@ def summarize(records: list[dict[str, Any]], modes: list[str], worlds: list[int]
                                ("adamw_over_zo", "adamw_step", "zo_step")):
             if num in agg and den in agg:
                 s[name] = {f"by_{k[:-4]}": _ratio(agg[num][k], agg[den][k]) for k in keys}
+        tens: dict[str, float] = {}
+        for m, copies in (("forward_only", 1), ("zo_step", 1), ("zo_step_master", 2)):
+            rs = [r for r in records if r["mode"] == m and r["world"] == w]
+            if rs and rs[0]["alloc_peak_mib"] is not None:
+                tens[m] = max(copies * r["shard_mib"] + r["alloc_peak_mib"] for r in rs)
+        for name, num in (("zo_over_forward", "zo_step"), ("zo_master_over_forward", "zo_step_master")):
+            if name in s and num in tens and "forward_only" in tens:
+                s[name]["by_tensors"] = _ratio(tens[num], tens["forward_only"])
+        if tens:
+            s["tensor_footprint_mib"] = {k: round(v, 2) for k, v in tens.items()}
         if "zo_over_forward" in s:
             v = s["zo_over_forward"]["by_footprint"]
             s["zo_meets_1.10x_target_by_footprint"] = None if v is None else v <= TARGET_ZO_OVER_FORWARD
