@@ -269,3 +269,28 @@ def test_bad_optimizer_section_fails_before_partitioning(section: dict[str, Any]
         zero3_engine(model, config)
     assert not any(hasattr(p, "ds_tensor") for p in model.parameters())
     assert config["optimizer"] is section  # the caller's config is left alone
+
+
+def _bf16_worker(rank: int, world: int, out: str) -> None:
+    os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
+    model = tiny_llama(seed=0)
+    start = {n: p.detach().to(torch.bfloat16).clone() for n, p in model.named_parameters()}
+    cfg = {"train_micro_batch_size_per_gpu": BATCH // world, "bf16": {"enabled": True},
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": PERSIST["llama"]},
+           "optimizer": {"type": "MeZO", "params": {"lr": 0.0, "eps": 1e-3, "master_weights": True}}}
+    engine, opt = zero3_engine(model, cfg)
+    x, _ = _data("llama")
+    x = x[rank * BATCH // world:(rank + 1) * BATCH // world]
+    for _ in range(3):
+        opt.step(lambda: engine.module(input_ids=x, labels=x).loss)
+    masters = [opt.state[p]["master"] for p in engine.module.parameters() if "master" in opt.state[p]]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        for n, p in engine.module.named_parameters():
+            assert p.dtype == torch.bfloat16, n
+            assert torch.equal(p.detach(), start[n]), n
+
+
+def test_zero3_bf16_with_master_weights_restores_bitwise(tmp_path: Path) -> None:
+    """bf16 compute on ZeRO-3 shards (sharded and persistent): lr = 0 leaves every weight as it was."""
+    run(_bf16_worker, 2, str(tmp_path))
