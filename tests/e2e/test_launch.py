@@ -153,3 +153,16 @@ def test_deepspeed_owned_settings_are_not_silently_ignored(tmp_path: Path) -> No
     out = subprocess.run([sys.executable, TRAIN, "--ds_config", str(_ds_config(tmp_path, 3)), "batch_size=32"],
                          capture_output=True, text=True, timeout=120, env=_env(), cwd=ROOT)
     assert out.returncode == 2 and "come from the DeepSpeed JSON" in out.stderr
+
+
+def test_accelerate_launch_runs_the_same_deepspeed_job(tmp_path: Path) -> None:
+    ds = _ds_config(tmp_path, 3)
+    _deepspeed(tmp_path, "ds", ds, "--steps", "3")
+    template = (ROOT / "launch" / "accelerate_zero3.yaml").read_text()
+    acc_cfg = tmp_path / "accelerate.yaml"
+    acc_cfg.write_text(template.replace("ds_configs/zero3_mezo.json", str(ds)))
+    port = str(29800 + os.getpid() % 1000)
+    _run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(acc_cfg), "--main_process_port", port, TRAIN,
+          *_common(tmp_path, "acc"), "--steps", "3"])
+    # Same engine, same ranks, same seed: the same trajectory to the bit.
+    assert _losses(tmp_path / "acc") == _losses(tmp_path / "ds")
