@@ -294,3 +294,37 @@ def _bf16_worker(rank: int, world: int, out: str) -> None:
 def test_zero3_bf16_with_master_weights_restores_bitwise(tmp_path: Path) -> None:
     """bf16 compute on ZeRO-3 shards (sharded and persistent): lr = 0 leaves every weight as it was."""
     run(_bf16_worker, 2, str(tmp_path))
+
+
+def _client_worker(rank: int, world: int, out: str) -> None:
+    os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
+    x, y = _data("llama")
+    half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    zero = {"stage": 3, "stage3_param_persistence_threshold": PERSIST["llama"]}
+    results = {}
+    for how in ("json", "instance", "factory"):
+        model = _model("llama")
+        cfg = _ds_config("llama", zero, 1)
+        if how == "json":
+            engine, opt = zero3_engine(model, cfg)
+        else:
+            cfg.pop("optimizer")
+            if how == "instance":  # built before DeepSpeed partitions the same Parameter objects
+                client = MeZO(model.named_parameters(), **OPTIONS)
+            else:
+                client = lambda named: MeZO(named, **OPTIONS)  # noqa: E731
+            engine, opt = zero3_engine(model, cfg, optimizer=client)
+        assert isinstance(opt.shards, DeepSpeedShards)
+        losses = [opt.step(_closure("llama", engine.module, x[half], y[half])) for _ in range(STEPS)]
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            results[how] = (losses, {n: p.detach().clone() for n, p in engine.module.named_parameters()})
+    for how in ("instance", "factory"):
+        assert results[how][0] == results["json"][0], how
+        for n, p in results["json"][1].items():
+            assert torch.equal(results[how][1][n], p), (how, n)
+    with pytest.raises(ValueError, match="use one of the two"):
+        zero3_engine(_model("llama"), _ds_config("llama", zero, 1), optimizer=lambda named: None)
+
+
+def test_client_optimizer_object_or_factory_equals_the_json_section(tmp_path: Path) -> None:
+    run(_client_worker, 2, str(tmp_path))

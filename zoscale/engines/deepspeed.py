@@ -341,19 +341,28 @@ class DeepSpeedBuilder:
         return DeepSpeedEngine(model, self.ds_config)
 
 
-def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: object | None = None) -> tuple[Any, Any]:
-    """Wrap ``model`` in a DeepSpeed engine and build the zoscale optimizer named in the config.
+def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: object | None = None,
+                 optimizer: Any = None) -> tuple[Any, Any]:
+    """Wrap ``model`` in a DeepSpeed engine with a zoscale optimizer on its shards.
 
-    ``ds_config["optimizer"] = {"type": "MeZO", "params": {...}}`` is validated first (before
-    the model is partitioned), removed from the config DeepSpeed sees, and resolved through
-    :func:`zoscale.optim.build_optimizer` on ``engine.module.named_parameters()`` (names, hence
-    noise ids, equal the unwrapped model's) with ``shards=DeepSpeedShards(loss_group)``.
-    Works for every ZeRO stage; see :func:`prepare_ds_config` for stages 0-2.
+    The optimizer comes from one of two places, as a DeepSpeed user would expect:
+        * the JSON's ``"optimizer": {"type": "MeZO", "params": {...}}`` section, validated before
+          the model is partitioned and resolved through :func:`zoscale.optim.build_optimizer` on
+          ``engine.module.named_parameters()`` (names, hence noise ids, equal the unwrapped
+          model's);
+        * ``optimizer=``: a zoscale optimizer built on ``model``'s parameters (DeepSpeed
+          partitions those same ``Parameter`` objects in place, so the instance stays valid and
+          gets this engine's shard provider), or a callable ``f(named_parameters) -> optimizer``,
+          like DeepSpeed's client optimizer callables. The JSON must then have no optimizer
+          section (one source of truth).
+    Either way DeepSpeed itself never sees the optimizer (its ZeRO optimizer would allocate
+    fp32 master and gradient partitions, and its ``step`` needs gradients).
 
     Args:
-        model: the model (plain, or built under ``deepspeed.zero.Init``).
-        ds_config: DeepSpeed config dict with an ``"optimizer"`` section; not modified.
+        model: the model (plain, or built under ``deepspeed.zero.Init``/``HfDeepSpeedConfig``).
+        ds_config: DeepSpeed config dict; not modified.
         loss_group: data-parallel group for the loss pair (None: the default group).
+        optimizer: a zoscale optimizer instance or factory, or None to use the JSON's section.
 
     Returns:
         ``(engine, optimizer)``: the DeepSpeed engine and the zoscale optimizer. Call
@@ -361,13 +370,30 @@ def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: 
         and returns the mean loss; never ``engine.backward`` / ``engine.step``.
 
     Raises:
-        ValueError: no or invalid ``"optimizer"`` section (see :func:`check_optimizer_section`).
+        ValueError: no optimizer from either place, both, an invalid ``"optimizer"`` section
+            (see :func:`check_optimizer_section`), or an optimizer that is not a zoscale one.
     """
-    if "optimizer" not in ds_config:
-        raise ValueError("ds_config has no 'optimizer' section naming the zoscale optimizer")
-    name, options = check_optimizer_section(ds_config["optimizer"])
-    from zoscale.optim import build_optimizer
+    from zoscale.optim import ZOOptimizer, build_optimizer
 
+    in_json = "optimizer" in ds_config
+    if optimizer is not None and in_json:
+        raise ValueError("an optimizer was passed and ds_config has an 'optimizer' section: use one of the two")
+    if optimizer is None and not in_json:
+        raise ValueError("ds_config has no 'optimizer' section naming the zoscale optimizer, and none was passed")
+    if optimizer is not None and not (isinstance(optimizer, ZOOptimizer) or callable(optimizer)):
+        raise ValueError(f"optimizer must be a zoscale optimizer or a callable building one, got {type(optimizer).__name__}")
+    if in_json:
+        name, options = check_optimizer_section(ds_config["optimizer"])
     wrapped = DeepSpeedEngine(model, ds_config, loss_group)
     params = list(wrapped.module.named_parameters())
-    return wrapped.engine, build_optimizer(name, params, options, shards=wrapped.shards)
+    if isinstance(optimizer, ZOOptimizer):
+        opt = optimizer
+        opt.shards = wrapped.shards
+    elif optimizer is not None:
+        opt = optimizer(params)
+        if not isinstance(opt, ZOOptimizer):
+            raise ValueError(f"the optimizer factory returned {type(opt).__name__}, not a zoscale optimizer")
+        opt.shards = wrapped.shards
+    else:
+        opt = build_optimizer(name, params, options, shards=wrapped.shards)
+    return wrapped.engine, opt
