@@ -321,6 +321,31 @@ class ZOOptimizer(torch.optim.Optimizer):
             }
         )
 
+    # ----------------------------------------------------------------- replay
+    @torch.no_grad()
+    def replay(self, log: list[dict[str, Any]]) -> None:
+        """Apply the updates recorded in a step log to this optimizer's (base) parameters.
+
+        Build the optimizer on the base model with the same param groups (and weight decay) as
+        the run that wrote ``log`` (``step_log`` or ``state_dict()["zo"]["log"]``), then call
+        this: every logged query's ``theta <- (1 - lr wd) theta - lr g z`` is applied, with ``z``
+        regenerated from the logged seed, step and query. No forward pass is run. With master
+        weights this repeats the run's master updates exactly (bitwise); without, it omits the
+        run's +eps/-2eps/+eps round trips, so it agrees within their drift (README, Precision).
+        Works on any shard layout: each rank replays onto its own shards.
+        """
+        entries = self._entries()
+        self._ensure_masters(entries)
+        groups = self.param_groups
+        for rec in log:
+            if len(rec["grad"]) != len(groups) or len(rec["lr"]) != len(groups):
+                raise ValueError(f"log record for step {rec['step']} has {len(rec['grad'])} groups, "
+                                 f"this optimizer has {len(groups)}")
+            keys = [noise.noise_key(rec["seed"], rec["step"], rec["query"], e.stable_id) for e in entries]
+            decay = [1.0 - lr * g["weight_decay"] for lr, g in zip(rec["lr"], groups)]
+            coef = [-lr * gk for lr, gk in zip(rec["lr"], rec["grad"])]
+            self._update(entries, keys, decay, coef, [0.0] * len(groups))
+
     # ----------------------------------------------------------------- state
     @property
     def step_count(self) -> int:
