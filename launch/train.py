@@ -3,6 +3,8 @@
     python launch/train.py                                            # default job, one process
     deepspeed --num_gpus 2 launch/train.py --ds_config ds_configs/zero3_mezo.json
     torchrun --nproc_per_node 2 launch/train.py                       # data-parallel replicas
+    torchrun --nproc_per_node 2 launch/train.py --engine fsdp --ds_config ds_configs/zero3_mezo.json
+    torchrun --nproc_per_node 4 launch/train.py --engine fsdp --hsdp 2,2 --ds_config ds_configs/zero3_mezo.json
     accelerate launch --config_file launch/accelerate_zero3.yaml launch/train.py
     python launch/train.py --config run.json steps=500 optimizer.params.lr=1e-5
 
@@ -28,7 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON run configuration (fields: zoscale/train/config.py)")
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (engine: deepspeed)")
-    parser.add_argument("--engine", choices=["local", "deepspeed"], help="default: deepspeed with --ds_config, else local")
+    parser.add_argument("--engine", choices=["local", "deepspeed", "fsdp"],
+                        help="default: deepspeed with --ds_config, else local (one process or replicas)")
+    parser.add_argument("--hsdp", help="FSDP2 hybrid sharding mesh REPLICAS,SHARDS (e.g. 2,2)")
     parser.add_argument("--model", help="local HF folder, hub name, smollm2-135m (default), tiny-llama, tiny-opt")
     parser.add_argument("--data", help="local JSONL/CSV with sentence,label (default: bundled Rotten Tomatoes)")
     parser.add_argument("--steps", type=int)

@@ -166,3 +166,35 @@ def test_accelerate_launch_runs_the_same_deepspeed_job(tmp_path: Path) -> None:
           *_common(tmp_path, "acc"), "--steps", "3"])
     # Same engine, same ranks, same seed: the same trajectory to the bit.
     assert _losses(tmp_path / "acc") == _losses(tmp_path / "ds")
+
+
+def _torchrun(tmp: Path, out: str, nproc: int, *extra: str) -> None:
+    port = str(29600 + (os.getpid() + nproc) % 1000)
+    _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, TRAIN,
+          *_common(tmp, out), *extra])
+
+
+@pytest.mark.parametrize("nproc,hsdp", [(2, None), (4, "2,2")])
+def test_fsdp_follows_the_single_process_trajectory(tmp_path: Path, nproc: int, hsdp: str | None) -> None:
+    _single(tmp_path, "one")
+    ds = _ds_config(tmp_path, 3, micro=8 // nproc)  # same JSON schema; zero_optimization is ignored
+    extra = ["--hsdp", hsdp] if hsdp else []
+    _torchrun(tmp_path, "fsdp", nproc, "--engine", "fsdp", "--ds_config", str(ds), "--steps", str(STEPS), *extra)
+    one, fs = _losses(tmp_path / "one"), _losses(tmp_path / "fsdp")
+    for step in one:
+        assert fs[step] == pytest.approx(one[step], rel=1e-5), step
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "fsdp")
+    for name, p in w1.items():
+        torch.testing.assert_close(w2[name], p, rtol=0, atol=5e-5, msg=name)
+
+
+def test_fsdp_resume_equals_uninterrupted(tmp_path: Path) -> None:
+    ds = _ds_config(tmp_path, 3)
+    common = ["--engine", "fsdp", "--ds_config", str(ds)]
+    _torchrun(tmp_path, "full", 2, *common, "--steps", str(STEPS))
+    _torchrun(tmp_path, "parts", 2, *common, "--steps", "4", "--checkpoint_every", "2", "save_final=false")
+    _torchrun(tmp_path, "parts", 2, *common, "--steps", str(STEPS), "--resume")
+    assert _losses(tmp_path / "parts") == _losses(tmp_path / "full")
+    w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "parts")
+    for name, p in w1.items():
+        assert torch.equal(w2[name], p), name

@@ -1,6 +1,10 @@
 """From command-line arguments to a running job: config, process group, engine, train.
 
 Used by ``launch/train.py`` under ``python``, ``deepspeed``, ``torchrun`` and ``accelerate launch``.
+Engines: ``local`` (one process or replicas), ``deepspeed`` (``--ds_config``), ``fsdp`` (FSDP2,
+``--hsdp R,S`` for a replicate x shard mesh). The ZO settings come from the DeepSpeed JSON schema
+(``"optimizer"``, ``train_micro_batch_size_per_gpu``, ``bf16``/``fp16``) for both sharding
+engines; FSDP ignores the JSON's ``zero_optimization`` section.
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     engine = getattr(args, "engine", None) or ("deepspeed" if ds_path else "local")
     if engine == "deepspeed" and not ds_path:
         raise ValueError("--engine deepspeed needs --ds_config PATH")
+    if engine == "local" and ds_path:
+        raise ValueError("--ds_config needs --engine deepspeed or fsdp")
+    if getattr(args, "hsdp", None) and engine != "fsdp":
+        raise ValueError("--hsdp needs --engine fsdp")
     ds_config = None
     if ds_path:
         clash = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith(_DS_OWNED)]
@@ -68,14 +76,20 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     return cfg, ds_config
 
 
-def _init_distributed(deepspeed_engine: bool) -> None:
+def _init_distributed(engine: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if dist.is_initialized() or (world <= 1 and not deepspeed_engine):
+    if dist.is_initialized() or (world <= 1 and engine == "local"):
         return
+    if world <= 1:  # a one-process run of a sharding engine: a process group of one
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    if deepspeed_engine:
+    if engine == "deepspeed":
         import deepspeed
 
         from zoscale.engines.deepspeed import disable_shm_comm_build
@@ -86,16 +100,46 @@ def _init_distributed(deepspeed_engine: bool) -> None:
         dist.init_process_group(backend)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _parse_hsdp(value: str | None) -> tuple[int, int] | None:
+    if not value:
+        return None
+    try:
+        r, s = (int(v) for v in value.lower().replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"--hsdp must look like REPLICAS,SHARDS (e.g. 2,2), got {value!r}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if r < 1 or s < 1 or r * s != world:
+        raise ValueError(f"--hsdp {r},{s} needs {r * s} ranks, this job has {world}")
+    return r, s
+
+
 def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """Resolve the config, start the process group, build the engine, train; rank 0 returns the summary."""
     cfg, ds_config = resolve_config(args)
+    engine = getattr(args, "engine", None) or ("deepspeed" if ds_config is not None else "local")
+    hsdp = _parse_hsdp(getattr(args, "hsdp", None))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    _init_distributed(ds_config is not None)
+    _init_distributed(engine)
     builder: EngineBuilder
-    if ds_config is not None:
+    if engine == "deepspeed":
         from zoscale.engines.deepspeed import DeepSpeedBuilder
 
         builder = DeepSpeedBuilder(ds_config)
+    elif engine == "fsdp":
+        from zoscale.engines.fsdp import FSDPBuilder
+
+        # FSDP2 keeps fp32 shards and computes in the JSON's / config's precision.
+        compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
+        cfg.model.dtype = "float32"
+        builder = FSDPBuilder(hsdp=hsdp, param_dtype=compute)
     else:
         builder = LocalBuilder()
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -103,5 +147,10 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         summary = train(cfg, progress=not args.no_progress and rank == 0, builder=builder)
     finally:
         if dist.is_initialized():
+            # Drop engine objects first: FSDP2 teardown after destroy_process_group
+            # occasionally aborted the process ("terminate called without an active exception").
+            import gc
+
+            gc.collect()
             dist.destroy_process_group()
     return summary if rank == 0 else None

@@ -129,8 +129,10 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
         model, tokenizer = _load_model(cfg)
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
     label_ids = task.label_token_ids(tokenizer)
-    params = trainable_parameters(model, cfg.model.trainable)
+    trainable_parameters(model, cfg.model.trainable)  # freeze before wrapping
     engine: Engine = builder.build(model)
+    # After wrapping: FSDP2 replaces every Parameter object (DeepSpeed partitions them in place).
+    params = trainable_parameters(engine.module, cfg.model.trainable)
     optimizer = build_optimizer(cfg.optimizer.type, params, {"seed": cfg.seed, **cfg.optimizer.params},
                                 shards=engine.shards)
     rank, world = engine.rank, engine.world_size
