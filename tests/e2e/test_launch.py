@@ -43,9 +43,9 @@ def _common(tmp: Path, out: str) -> list[str]:
             'data.label_words=[" bad", " good"]']
 
 
-def _ds_config(tmp: Path, stage: int, micro: int = 4) -> Path:
+def _ds_config(tmp: Path, stage: int, micro: int = 4, optimizer: str = "MeZO", **params) -> Path:
     cfg = {"train_micro_batch_size_per_gpu": micro, "zero_optimization": {"stage": stage},
-           "optimizer": {"type": "MeZO", "params": {"lr": 1e-3, "eps": 1e-3, "master_weights": True}},
+           "optimizer": {"type": optimizer, "params": {"lr": 1e-3, "eps": 1e-3, "master_weights": True, **params}},
            "steps_per_print": 10**6}
     if stage == 3:
         cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
@@ -60,8 +60,8 @@ def _run(cmd: list[str], timeout: int = 600) -> subprocess.CompletedProcess:
     return out
 
 
-def _single(tmp: Path, out: str, *extra: str) -> None:
-    _run([sys.executable, TRAIN, *_common(tmp, out), "--steps", str(STEPS), "batch_size=8", "optimizer.type=MeZO",
+def _single(tmp: Path, out: str, *extra: str, optimizer: str = "MeZO") -> None:
+    _run([sys.executable, TRAIN, *_common(tmp, out), "--steps", str(STEPS), "batch_size=8", f"optimizer.type={optimizer}",
           "optimizer.params.lr=0.001", "optimizer.params.eps=0.001", "optimizer.params.master_weights=true", *extra])
 
 
@@ -198,3 +198,23 @@ def test_fsdp_resume_equals_uninterrupted(tmp_path: Path) -> None:
     w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "parts")
     for name, p in w1.items():
         assert torch.equal(w2[name], p), name
+
+
+def test_lezo_on_zero3_follows_the_single_process_trajectory(tmp_path: Path) -> None:
+    _single(tmp_path, "one", "optimizer.params.sparsity=0.5", optimizer="LeZO")
+    _deepspeed(tmp_path, "ds", _ds_config(tmp_path, 3, optimizer="LeZO", sparsity=0.5), "--steps", str(STEPS))
+    one, ds = _losses(tmp_path / "one"), _losses(tmp_path / "ds")
+    for step in one:
+        assert ds[step] == pytest.approx(one[step], rel=1e-5), step
+    w1, w2 = _weights(tmp_path / "one"), _weights(tmp_path / "ds")
+    for name, p in w1.items():
+        torch.testing.assert_close(w2[name], p, rtol=0, atol=5e-5, msg=name)
+
+
+def test_every_shipped_ds_config_is_valid() -> None:
+    from zoscale.engines.deepspeed import load_ds_config
+
+    configs = sorted((ROOT / "ds_configs").glob("*.json"))
+    assert {c.name for c in configs} >= {"zero3_mezo.json", "zero2_mezo.json", "zero3_mezo_bf16.json", "zero3_lezo.json"}
+    for c in configs:
+        load_ds_config(c)

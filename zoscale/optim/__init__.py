@@ -1,7 +1,8 @@
 """Zeroth-order optimizers (``torch.optim.Optimizer`` subclasses)."""
 
 from zoscale.optim.base import NonFiniteLossError, ZOOptimizer
+from zoscale.optim.lezo import LeZO
 from zoscale.optim.mezo import MeZO
 from zoscale.optim.registry import OPTIMIZERS, build_optimizer, get_optimizer_class
 
-__all__ = ["MeZO", "ZOOptimizer", "NonFiniteLossError", "OPTIMIZERS", "build_optimizer", "get_optimizer_class"]
+__all__ = ["MeZO", "LeZO", "ZOOptimizer", "NonFiniteLossError", "OPTIMIZERS", "build_optimizer", "get_optimizer_class"]

@@ -174,6 +174,10 @@ class ZOOptimizer(torch.optim.Optimizer):
                 entries.append(ShardEntry(gi, p, view, self._stable_id(group, i, p), self.state[p]))
         return entries
 
+    def _select(self, entries: list[ShardEntry], step: int) -> list[ShardEntry]:
+        """The entries a step perturbs and updates (all; LeZO-style optimizers choose a subset)."""
+        return entries
+
     def shard_entries(self) -> list[ShardEntry]:
         """This rank's trainable shards (what it perturbs, updates and checkpoints)."""
         return self._entries()
@@ -334,10 +338,11 @@ class ZOOptimizer(torch.optim.Optimizer):
         run's +eps/-2eps/+eps round trips, so it agrees within their drift (README, Precision).
         Works on any shard layout: each rank replays onto its own shards.
         """
-        entries = self._entries()
-        self._ensure_masters(entries)
+        all_entries = self._entries()
+        self._ensure_masters(all_entries)
         groups = self.param_groups
         for rec in log:
+            entries = self._select(all_entries, rec["step"])
             if len(rec["grad"]) != len(groups) or len(rec["lr"]) != len(groups):
                 raise ValueError(f"log record for step {rec['step']} has {len(rec['grad'])} groups, "
                                  f"this optimizer has {len(groups)}")

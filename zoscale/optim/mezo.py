@@ -87,7 +87,7 @@ class MeZO(ZOOptimizer):
         if closure is None:
             raise ValueError("MeZO.step requires a closure that returns the mean loss of this rank's micro-batch")
         self._begin_step()
-        entries = self._entries()
+        entries = self._select(self._entries(), self._zo["step"])
         self._ensure_masters(entries)
         step, q = self._zo["step"], self.param_groups[0]["q"]
         total = 0.0

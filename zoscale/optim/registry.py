@@ -6,12 +6,14 @@ import inspect
 from typing import Any
 
 from zoscale.optim.base import ZOOptimizer
+from zoscale.optim.lezo import LeZO
 from zoscale.optim.mezo import MeZO
 
 __all__ = ["OPTIMIZERS", "get_optimizer_class", "build_optimizer"]
 
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
     "mezo": MeZO,
+    "lezo": LeZO,
 }
 
 
