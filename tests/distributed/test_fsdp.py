@@ -8,8 +8,6 @@ Workers use the eager noise kernels (no compile per spawned process), as does th
 
 from __future__ import annotations
 
-import functools
-import gc
 import math
 from pathlib import Path
 from typing import Any, Callable
@@ -41,24 +39,6 @@ def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     # Inherited by the spawned ranks; the in-process reference uses the same kernels, so every
     # run applies bit-identical z.
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
-
-
-def _worker(fn: Callable[..., None]) -> Callable[..., None]:
-    """Collect the worker's garbage before spawn.py destroys the process group.
-
-    FSDP-wrapped modules sit in reference cycles (hooks and states point back at them); left to
-    interpreter shutdown, they were destroyed after the process group and a rank aborted in
-    about 1 run in 7 ("terminate called without an active exception", seen with bf16 compute).
-    """
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any) -> None:
-        try:
-            fn(*args)
-        finally:
-            gc.collect()
-
-    return wrapped
 
 
 def _model(kind: str) -> torch.nn.Module:
@@ -166,7 +146,6 @@ def _check_layout(model: torch.nn.Module, shards: FSDPShards) -> None:
             assert view.local.data_ptr() == p.to_local().data_ptr(), n
 
 
-@_worker
 def _train_worker(rank: int, world: int, q: int, hsdp: tuple[int, int] | None, out: str) -> None:
     from torch.distributed.tensor import DTensor
 
@@ -245,7 +224,6 @@ def test_hsdp_replicas_stay_equal_and_follow_the_trajectory(tmp_path: Path) -> N
     _check_trajectory(ranks, 1)
 
 
-@_worker
 def _root_worker(rank: int, world: int, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
@@ -283,7 +261,6 @@ def test_root_reshards_so_embedding_edits_reach_the_next_forward(tmp_path: Path)
     run(_root_worker, 2, str(tmp_path))
 
 
-@_worker
 def _bf16_worker(rank: int, world: int, out: str) -> None:
     model = apply_fsdp(_model("llama"), build_mesh(), param_dtype=torch.bfloat16)
     shards = FSDPShards(module=model)
@@ -315,7 +292,6 @@ def test_bf16_compute_over_fp32_shards_trains(tmp_path: Path) -> None:
     run(_bf16_worker, 2, str(tmp_path))
 
 
-@_worker
 def _checkpoint_worker(rank: int, world: int, out: str) -> None:
     from zoscale.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -348,7 +324,6 @@ def test_checkpoint_round_trip_continues_identically(tmp_path: Path) -> None:
     run(_checkpoint_worker, 2, str(tmp_path))
 
 
-@_worker
 def _consolidate_worker(rank: int, world: int, out: str) -> None:
     from transformers import AutoModelForCausalLM
 
