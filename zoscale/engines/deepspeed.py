@@ -395,5 +395,5 @@ def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: 
             raise ValueError(f"the optimizer factory returned {type(opt).__name__}, not a zoscale optimizer")
         opt.shards = wrapped.shards
     else:
-        opt = build_optimizer(name, params, options, shards=wrapped.shards)
+        opt = build_optimizer(name, params, options, shards=wrapped.shards, module=wrapped.module)
     return wrapped.engine, opt

@@ -5,6 +5,8 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+import torch
+
 from zoscale.optim.base import ZOOptimizer
 from zoscale.optim.lezo import LeZO
 from zoscale.optim.mezo import MeZO
@@ -25,12 +27,29 @@ def get_optimizer_class(name: str) -> type[ZOOptimizer]:
     return cls
 
 
-def build_optimizer(name: str, params: Any, options: dict[str, Any] | None = None, **extra: Any) -> ZOOptimizer:
-    """Construct a registered optimizer, rejecting unknown options by name before touching params."""
+# Constructor arguments that the engine supplies, never a config.
+_ENGINE_ARGS = frozenset({"self", "params", "shards", "module"})
+
+
+def build_optimizer(name: str, params: Any, options: dict[str, Any] | None = None, *,
+                    module: torch.nn.Module | None = None, **extra: Any) -> ZOOptimizer:
+    """Construct a registered optimizer, rejecting unknown options by name before touching params.
+
+    Args:
+        name: registered name (case-insensitive).
+        params: ``named_parameters()``, parameters or param groups.
+        options: the optimizer's keyword arguments from a config.
+        module: the (wrapped) model; handed to optimizers whose constructor takes ``module``
+            (forward-mode AD needs to swap parameters), ignored by the others.
+        **extra: further engine-supplied arguments (``shards``).
+    """
     cls = get_optimizer_class(name)
     options = dict(options or {})
-    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "shards"}
+    signature = inspect.signature(cls.__init__).parameters
+    accepted = set(signature) - _ENGINE_ARGS
     unknown = sorted(set(options) - accepted)
     if unknown:
         raise ValueError(f"Unknown parameter(s) {unknown} for optimizer {name!r}; accepted: {sorted(accepted)}")
+    if "module" in signature:
+        extra["module"] = module
     return cls(params, **options, **extra)
