@@ -42,6 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dist_timeout", type=float, default=None,
+                        help="seconds before a collective gives up (default 600)")
+    parser.add_argument("--heartbeat_timeout", type=float, default=None,
+                        help="seconds of silence after which another rank counts as dead and this one exits "
+                             "naming it, with code 75 (default 60; 0: no watchdog)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.n_eval=400")
     args = parser.parse_intermixed_args(argv)

@@ -11,6 +11,7 @@ import torch  # noqa: E402
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: slow tests (real pretrained model, long runs); run with -m slow")
     config.addinivalue_line("markers", "distributed: spawns several gloo processes")
+    config.addinivalue_line("markers", "slurm: starts a local SLURM cluster (root, apt); deselect with -m 'not slurm'")
 
 
 @pytest.fixture(autouse=True)

@@ -1,15 +1,21 @@
 """From command-line arguments to a running job: config, process group, engine, train.
 
-Used by ``launch/train.py`` under ``python``, ``deepspeed``, ``torchrun`` and ``accelerate launch``.
+Used by ``launch/train.py`` under ``python``, ``deepspeed``, ``torchrun``, ``accelerate launch`` and
+the SLURM scripts in ``launch/slurm/``, on one node or several.
 Engines: ``local`` (one process or replicas), ``deepspeed`` (``--ds_config``), ``fsdp`` (FSDP2,
 ``--hsdp R,S`` for a replicate x shard mesh). The ZO settings come from the DeepSpeed JSON schema
 (``"optimizer"``, ``train_micro_batch_size_per_gpu``, ``bf16``/``fp16``) for both sharding
 engines; FSDP ignores the JSON's ``zero_optimization`` section.
+
+With several ranks, collectives time out after ``--dist_timeout`` seconds and a heartbeat
+watchdog (:mod:`zoscale.train.watchdog`, ``--heartbeat_timeout``) names a rank that died or hangs;
+the survivors then exit with :data:`~zoscale.train.watchdog.EXIT_PEER_LOST` instead of waiting.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from typing import Any
 
@@ -19,8 +25,15 @@ import torch.distributed as dist
 from zoscale.train.config import OptimConfig, TrainConfig, load_config, validate
 from zoscale.train.engine import EngineBuilder, LocalBuilder
 from zoscale.train.trainer import train
+from zoscale.train.watchdog import Watchdog, is_communication_error
 
-__all__ = ["run_from_args", "resolve_config", "ds_config_path"]
+__all__ = ["run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
+
+DIST_TIMEOUT_S = 600.0
+"""Default collective timeout: long enough for rank 0 to prepare a model while the others wait at
+a barrier, far shorter than torch's (30 min on gloo)."""
+HEARTBEAT_TIMEOUT_S = 60.0
+"""Default silence after which a rank counts as dead: far above a busy machine's scheduling hiccups."""
 
 _FLAG_KEYS = {"model": "model.name", "data": "data.path", "steps": "steps", "eval_every": "eval_every",
               "checkpoint_every": "checkpoint_every", "seed": "seed", "output_dir": "output_dir"}
@@ -76,7 +89,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     return cfg, ds_config
 
 
-def _init_distributed(engine: str) -> None:
+def _init_distributed(engine: str, timeout_s: float = DIST_TIMEOUT_S) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if dist.is_initialized() or (world <= 1 and engine == "local"):
         return
@@ -95,9 +108,9 @@ def _init_distributed(engine: str) -> None:
         from zoscale.engines.deepspeed import disable_shm_comm_build
 
         disable_shm_comm_build()
-        deepspeed.init_distributed(dist_backend=backend)
+        deepspeed.init_distributed(dist_backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
     else:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _free_port() -> int:
@@ -121,13 +134,46 @@ def _parse_hsdp(value: str | None) -> tuple[int, int] | None:
     return r, s
 
 
+def _start_watchdog(heartbeat_timeout: float) -> Watchdog | None:
+    if heartbeat_timeout <= 0 or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    interval = min(1.0, heartbeat_timeout / 4)
+    return Watchdog.from_env(timeout=heartbeat_timeout, interval=interval).start()
+
+
+def _on_failure(error: BaseException, watchdog: Watchdog | None) -> None:
+    """A collective failed because another rank stopped: name it and exit; else publish our own error."""
+    if watchdog is None:
+        return
+    if is_communication_error(error):
+        lost = watchdog.diagnose()
+        if lost is not None:
+            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+            watchdog.exit(lost, context=f"this rank's collective failed ({first}); ")
+    watchdog.failed(error)
+
+
+def _check_timeouts(args: argparse.Namespace) -> tuple[float, float]:
+    dist_timeout = getattr(args, "dist_timeout", None)
+    heartbeat = getattr(args, "heartbeat_timeout", None)
+    dist_timeout = DIST_TIMEOUT_S if dist_timeout is None else float(dist_timeout)
+    heartbeat = HEARTBEAT_TIMEOUT_S if heartbeat is None else float(heartbeat)
+    if dist_timeout <= 0:
+        raise ValueError(f"--dist_timeout must be > 0 seconds, got {dist_timeout}")
+    if heartbeat < 0:
+        raise ValueError(f"--heartbeat_timeout must be >= 0 seconds (0: no watchdog), got {heartbeat}")
+    return dist_timeout, heartbeat
+
+
 def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     """Resolve the config, start the process group, build the engine, train; rank 0 returns the summary."""
     cfg, ds_config = resolve_config(args)
     engine = getattr(args, "engine", None) or ("deepspeed" if ds_config is not None else "local")
     hsdp = _parse_hsdp(getattr(args, "hsdp", None))
+    dist_timeout, heartbeat = _check_timeouts(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    _init_distributed(engine)
+    _init_distributed(engine, dist_timeout)
+    watchdog = _start_watchdog(heartbeat)
     builder: EngineBuilder
     if engine == "deepspeed":
         from zoscale.engines.deepspeed import DeepSpeedBuilder
@@ -145,6 +191,12 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         summary = train(cfg, progress=not args.no_progress and rank == 0, builder=builder)
+    except BaseException as e:
+        _on_failure(e, watchdog)  # does not return when another rank caused the failure
+        raise
+    else:
+        if watchdog is not None:
+            watchdog.stop()
     finally:
         if dist.is_initialized():
             # Drop engine objects first: FSDP2 teardown after destroy_process_group
