@@ -10,8 +10,9 @@ Batches are padded on the left, which puts every prompt's answer position at the
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,10 +162,34 @@ def _find(haystack: list[int], needle: list[int]) -> int | None:
     return None
 
 
-def _forward_parameters(model: torch.nn.Module) -> Any:
-    # Wrappers such as a DeepSpeed engine forward (*args, **kwargs) to `.module`; look there.
+def _forward_target(model: torch.nn.Module) -> tuple[torch.nn.Module, Any]:
+    """The module whose forward receives the keyword arguments, and the active peft config (or None).
+
+    Wrappers such as a DeepSpeed engine forward ``(*args, **kwargs)`` to ``.module``; a
+    ``peft.PeftModel`` forwards its extra keyword arguments to the base model.
+    """
     inner = getattr(model, "module", model)
-    return inspect.signature(inner.forward).parameters
+    peft_config = getattr(inner, "active_peft_config", None)
+    if peft_config is not None:
+        return inner.get_base_model(), peft_config
+    return inner, None
+
+
+@contextlib.contextmanager
+def _positions_from_mask(module: torch.nn.Module) -> Iterator[None]:
+    """While active, ``module``'s forward gets ``position_ids`` counted from its attention mask."""
+
+    def hook(_: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        mask = kwargs.get("attention_mask")
+        if kwargs.get("position_ids") is None and mask is not None and mask.dim() == 2:
+            kwargs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return args, kwargs
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_ids: Sequence[int]) -> torch.Tensor:
@@ -174,6 +199,15 @@ def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_i
     (learned-position models such as OPT need this; rotary models do not mind). Only the last
     position's logits are computed when the model's forward accepts ``logits_to_keep``
     (transformers' causal LMs do); otherwise the full logits are sliced.
+
+    A ``peft.PeftModel`` gets the base model's keyword arguments (peft passes them through).
+    Virtual tokens keep the positions consistent with padding: prefix tuning's key/value prefix
+    occupies positions ``0..n-1`` (peft shifts the given position ids by ``n``); prompt tuning's
+    prepended embeddings take positions ``0..n-1`` and the row's real tokens follow at ``n..``
+    (peft drops given position ids for prompt tuning, so they are computed from the extended
+    attention mask inside the base model's forward). So a row scores the same whatever padding
+    its batch has, which keeps sharded runs (smaller per-rank batches, other padding) on the
+    single-process trajectory. The answer position is still the last one.
 
     Args:
         model: A causal LM returning an output with ``.logits`` (``[B, T or 1, V]``).
@@ -188,14 +222,20 @@ def label_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor], label_i
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)
     kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
-    parameters = _forward_parameters(model)
-    if "position_ids" in parameters:
+    target, peft_config = _forward_target(model)
+    parameters = inspect.signature(target.forward).parameters
+    # Prompt-tuning-like methods prepend embeddings (prefix tuning's virtual tokens are a cache).
+    prepends = peft_config is not None and peft_config.is_prompt_learning and peft_config.peft_type not in (
+        "PREFIX_TUNING", "CARTRIDGE")
+    if "position_ids" in parameters and not prepends:
         kwargs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     if "logits_to_keep" in parameters:
         kwargs["logits_to_keep"] = 1
     if "use_cache" in parameters:
         kwargs["use_cache"] = False
-    logits = model(**kwargs).logits
+    positions = _positions_from_mask(target) if prepends and "position_ids" in parameters else contextlib.nullcontext()
+    with positions:
+        logits = model(**kwargs).logits
     index = torch.as_tensor(list(label_ids), device=logits.device)
     return logits[:, -1, :].index_select(-1, index)
 

@@ -301,7 +301,16 @@ class DeepSpeedEngine:
         return tensor
 
     def save_pretrained(self, path: Path, tokenizer: Any) -> None:
-        """Consolidate the partitions (collective) and write a Hugging Face folder on rank 0."""
+        """Consolidate the partitions (collective) and write a Hugging Face folder on rank 0.
+
+        A peft model is written as an adapter folder, gathering only the adapters
+        (:func:`zoscale.peft.save_adapter`).
+        """
+        from zoscale.peft import is_peft_model, save_adapter
+
+        if is_peft_model(self.module):
+            save_adapter(self.module, path, tokenizer)
+            return
         state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero_stage >= 3 else None
         if self.rank == 0:
             self.module.save_pretrained(path, state_dict=state)

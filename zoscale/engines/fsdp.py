@@ -250,7 +250,16 @@ class FSDPEngine:
         return get_model_state_dict(self.module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def save_pretrained(self, path: Path, tokenizer: Any) -> None:
-        """Consolidate the shards (collective) and write a Hugging Face folder on rank 0."""
+        """Consolidate the shards (collective) and write a Hugging Face folder on rank 0.
+
+        A peft model is written as an adapter folder, gathering only the adapters
+        (:func:`zoscale.peft.save_adapter`).
+        """
+        from zoscale.peft import is_peft_model, save_adapter
+
+        if is_peft_model(self.module):
+            save_adapter(self.module, path, tokenizer)
+            return
         state = self.full_state_dict()
         if self.rank == 0:
             self.module.save_pretrained(path, state_dict=state)

@@ -4,7 +4,7 @@ Layout: ``<dir>/step_<N>/rank_<r>.pt`` plus ``<dir>/step_<N>/done`` written last
 a barrier), so a checkpoint interrupted mid-write is never picked for resuming.
 A rank's file holds ``{"step", "world_size", "shards": {stable id: local tensor}, "optimizer":
 optimizer.state_dict()}``. Only trainable tensors are saved: frozen ones come back from the base
-model. Resuming needs the same world size and layout; the step log in the optimizer state makes
+model (with ``model.peft``, only the adapters are trainable, so a checkpoint holds nothing else). Resuming needs the same world size and layout; the step log in the optimizer state makes
 the run replayable on any layout (DESIGN.md section 5).
 """
 
@@ -82,7 +82,11 @@ def load_checkpoint(path: Path, optimizer: ZOOptimizer, rank: int, world_size: i
             raise ValueError(f"checkpoint {file}: {name} is {tuple(saved.shape)} {saved.dtype}, "
                              f"the model has {tuple(tensor.shape)} {tensor.dtype}")
     with torch.no_grad():
-        for name, tensor in local.items():
-            tensor.copy_(payload["shards"][name])
+        for entry in optimizer.shard_entries():
+            entry.view.local.copy_(payload["shards"][entry.stable_id])
+            # Providers that mirror the local tensor elsewhere (a ZeRO-3 parameter kept whole by
+            # the persistence threshold, e.g. a small PEFT adapter) must see the write.
+            if entry.view.after_write is not None:
+                entry.view.after_write()
     optimizer.load_state_dict(payload["optimizer"])
     return int(payload["step"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,28 @@ class ModelConfig:
     dtype: str = "float32"
     """Compute dtype: ``float32``, ``bfloat16`` or ``float16`` (use master weights with the last two)."""
     trainable: str = "non_embedding"
-    """``all`` or ``non_embedding`` (token/position embeddings and a tied head stay frozen)."""
+    """``all`` or ``non_embedding`` (token/position embeddings and a tied head stay frozen).
+    Ignored with ``peft`` (only adapter parameters are trained)."""
+    peft: dict[str, Any] | None = None
+    """Parameter-efficient fine-tuning through ``peft``; None: full fine-tuning (``trainable``).
+    Only the adapter parameters are perturbed, updated and checkpointed, and ``final`` is a peft
+    adapter folder (``PeftModel.from_pretrained(base, folder)``). ``{"type": ...}`` plus options
+    of the peft config class (validated against it; defaults in ``zoscale.peft.PEFT_TYPES``):
+
+    * ``{"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": null}``: ``peft.LoraConfig``;
+      ``target_modules`` null picks peft's default per architecture (``q_proj``/``v_proj`` for
+      OPT and Llama, as MeZO). MeZO: ``eps`` 1e-2, ``lr`` 1e-4 or 5e-5.
+    * ``{"type": "prefix", "num_virtual_tokens": 5}``: ``peft.PrefixTuningConfig`` (a learned
+      key/value prefix in every layer, no reparametrisation). MeZO: ``eps`` 1e-1, ``lr`` 1e-2 or 1e-3.
+    * ``{"type": "prompt", "num_virtual_tokens": 10, "prompt_tuning_init": "SAMPLE_VOCAB"}``:
+      ``peft.PromptTuningConfig`` (learned input embeddings prepended to the prompt, initialised
+      from random vocabulary embeddings). Not in MeZO; zoscale suggests ``eps`` 1e-2, ``lr`` 1e-3
+      (the top of ZO-Bench's grid).
+
+    Full fine-tuning, for comparison: MeZO ``eps`` 1e-3, ``lr`` 1e-6 or 1e-7 (OPT-13B).
+    Rejected: ``lora_dropout`` > 0, ``bias`` other than ``none``, ``modules_to_save``,
+    ``prefix_projection``, and the keys peft derives from the model (``num_layers``, ``token_dim``, ...).
+    Overrides: ``model.peft.type=lora model.peft.r=4``."""
 
 
 @dataclass
@@ -115,6 +137,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ValueError(f"config key 'model.dtype' must be float32, bfloat16 or float16, got {cfg.model.dtype!r}")
     if cfg.model.trainable not in ("all", "non_embedding"):
         raise ValueError(f"config key 'model.trainable' must be 'all' or 'non_embedding', got {cfg.model.trainable!r}")
+    if cfg.model.peft is not None:
+        from zoscale.peft import check_peft
+
+        check_peft(cfg.model.peft)
+        if cfg.model.trainable == "all":
+            warnings.warn("config key 'model.trainable' has no effect with 'model.peft': only the adapters are trained",
+                          stacklevel=2)
     if len(cfg.data.label_words) != 2:
         raise ValueError(f"config key 'data.label_words' must have two words, got {cfg.data.label_words!r}")
     if not isinstance(cfg.optimizer.params, dict):
@@ -138,7 +167,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
-    """Apply ``a.b=value`` strings; ``optimizer.params.lr=1e-5`` sets one optimizer option."""
+    """Apply ``a.b=value`` strings; ``optimizer.params.lr=1e-5`` sets one optimizer option,
+    ``model.peft.r=4`` one peft option."""
     as_dict = dataclasses.asdict(cfg)
     for item in overrides:
         if "=" not in item:
@@ -150,11 +180,14 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
             value = raw
         node = as_dict
         parts = key.split(".")
+        if parts[:2] == ["model", "peft"] and len(parts) > 2 and as_dict["model"]["peft"] is None:
+            as_dict["model"]["peft"] = {}  # model.peft.type=lora starts the section
         for part in parts[:-1]:
             if not isinstance(node, dict) or part not in node:
                 raise ValueError(f"unknown config key {key!r}")
             node = node[part]
-        if not isinstance(node, dict) or (parts[-1] not in node and parts[:-1] != ["optimizer", "params"]):
+        free = parts[:-1] in (["optimizer", "params"], ["model", "peft"])  # checked later, by their owners
+        if not isinstance(node, dict) or (parts[-1] not in node and not free):
             raise ValueError(f"unknown config key {key!r}")
         node[parts[-1]] = value
     return _from_dict(TrainConfig, as_dict, "")

@@ -21,6 +21,7 @@ from zoscale.data import SST2Task, load_labelled_file, load_rotten_tomatoes, los
 from zoscale.data.tasks import label_logits
 from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
+from zoscale.peft import adapter_parameters, apply_peft, save_adapter
 from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.engine import Engine, EngineBuilder, LocalBuilder
@@ -129,10 +130,14 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
         model, tokenizer = _load_model(cfg)
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
     label_ids = task.label_token_ids(tokenizer)
-    trainable_parameters(model, cfg.model.trainable)  # freeze before wrapping
+    if cfg.model.peft is not None:  # adapters only; the base weights are frozen
+        model = apply_peft(model, cfg.model.peft, seed=cfg.seed)
+    else:
+        trainable_parameters(model, cfg.model.trainable)  # freeze before wrapping
     engine: Engine = builder.build(model)
     # After wrapping: FSDP2 replaces every Parameter object (DeepSpeed partitions them in place).
-    params = trainable_parameters(engine.module, cfg.model.trainable)
+    params = (adapter_parameters(engine.module) if cfg.model.peft is not None
+              else trainable_parameters(engine.module, cfg.model.trainable))
     optimizer = build_optimizer(cfg.optimizer.type, params, {"seed": cfg.seed, **cfg.optimizer.params},
                                 shards=engine.shards)
     rank, world = engine.rank, engine.world_size
@@ -202,7 +207,9 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
     if metrics is not None:
         metrics.close()
     final_dir = out / "final" if cfg.save_final else None
-    if final_dir is not None:
+    if final_dir is not None and cfg.model.peft is not None:
+        save_adapter(engine.module, final_dir, tokenizer)  # a peft adapter folder
+    elif final_dir is not None:
         engine.save_pretrained(final_dir, tokenizer)
     return {
         "accuracy_before": acc_before,
