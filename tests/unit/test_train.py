@@ -36,6 +36,9 @@ def _jsonl(path: Path, n: int = 80) -> Path:
         (["model.trainable=some"], "'model.trainable'"),
         (["data.label_words=[\" a\"]"], "'data.label_words'"),
         (["steps"], "key=value"),
+        (["model.peft.type=adapter"], "'model.peft.type'"),
+        (["model.peft.type=lora", "model.peft.rank=4"], "'model.peft.rank'"),
+        (["model.peft=3"], "'model.peft'"),
     ],
 )
 def test_bad_config_is_named(overrides, match) -> None:
@@ -168,3 +171,66 @@ def test_resume_errors_are_clear(tmp_path: Path) -> None:
     torch.save(payload, ckpt)
     with pytest.raises(ValueError, match="written by 4 ranks, this run has 1"):
         train(_tiny_cfg(tmp_path, "ws", "steps=4", "resume=true"), progress=False)
+
+
+# ----------------------------------------------------------------------------- PEFT
+_PEFT_SETTINGS = {"lora": ("0.02", "0.01"), "prefix": ("1.0", "0.1"), "prompt": ("0.1", "0.01")}  # lr, eps
+
+
+def _peft_cfg(tmp_path: Path, out: str, mode: str, *extra: str):
+    lr, eps = _PEFT_SETTINGS[mode]
+    data = _jsonl(tmp_path / "toy.jsonl")
+    return load_config(None, [
+        "model.name=tiny-llama", f"model.peft.type={mode}", f"data.path={data}", "data.n_train=48", "data.n_eval=16",
+        "data.label_words=[\" bad\", \" good\"]", "batch_size=8", "eval_every=0", f"output_dir={tmp_path / out}",
+        f"optimizer.params.lr={lr}", f"optimizer.params.eps={eps}", *extra,
+    ])
+
+
+@pytest.mark.parametrize("mode", ["lora", "prompt"])
+def test_peft_run_trains_and_checkpoints_only_adapters_and_resumes(tmp_path: Path, mode: str) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from zoscale.models import tiny_llama
+
+    train(_peft_cfg(tmp_path, "full", mode, "steps=8"), progress=False)
+    train(_peft_cfg(tmp_path, "parts", mode, "steps=4", "checkpoint_every=4", "save_final=false"), progress=False)
+    summary = train(_peft_cfg(tmp_path, "parts", mode, "steps=8", "resume=true"), progress=False)
+    assert summary["start_step"] == 4
+    # The checkpoint holds the adapters only (and their optimizer state), nothing of the base.
+    ckpt = torch.load(tmp_path / "parts" / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=False)
+    base_names = {n for n, _ in tiny_llama().named_parameters()}
+    assert ckpt["shards"] and all("lora_" in k or k.startswith("prompt_encoder.") for k in ckpt["shards"])
+    assert not set(ckpt["shards"]) & base_names
+    # The final output is a peft adapter folder, the same after resuming as uninterrupted.
+    final = {run: tmp_path / run / "final" for run in ("full", "parts")}
+    assert (final["full"] / "adapter_config.json").is_file() and not (final["full"] / "model.safetensors").exists()
+    a, b = (load_file(final[r] / "adapter_model.safetensors") for r in ("full", "parts"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    losses = {}
+    for run in ("full", "parts"):
+        for line in (tmp_path / run / "metrics.jsonl").open():
+            r = json.loads(line)
+            if "loss" in r:
+                losses.setdefault(run, {})[r["step"]] = r["loss"]
+    assert losses["full"] == losses["parts"] and sorted(losses["full"]) == list(range(1, 9))
+    # It loads with peft onto the base model, and the adapters did train (seed 0 made them).
+    from zoscale.peft import apply_peft
+
+    loaded = PeftModel.from_pretrained(tiny_llama(), final["full"])
+    init = dict(apply_peft(tiny_llama(), {"type": mode}, seed=0).named_parameters())
+    trained = {n: p for n, p in loaded.named_parameters() if "lora_" in n or n.startswith("prompt_encoder.")}
+    assert trained and all(not torch.equal(p, init[n]) for n, p in trained.items())
+
+
+def test_trainable_all_with_peft_warns_that_it_has_no_effect() -> None:
+    with pytest.warns(UserWarning, match="'model.trainable' has no effect"):
+        load_config(None, ["model.peft.type=lora", "model.trainable=all"])
+
+
+def test_peft_prefix_run_end_to_end(tmp_path: Path) -> None:
+    summary = train(_peft_cfg(tmp_path, "prefix", "prefix", "steps=3"), progress=False)
+    assert (Path(summary["final_dir"]) / "adapter_model.safetensors").is_file()
+    config = json.loads((Path(summary["final_dir"]) / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["num_virtual_tokens"] == 5

@@ -4,8 +4,9 @@ Layout: ``<dir>/step_<N>/rank_<r>.pt`` plus ``<dir>/step_<N>/done`` written last
 a barrier), so a checkpoint interrupted mid-write is never picked for resuming.
 A rank's file holds ``{"step", "world_size", "shards": {stable id: local tensor}, "optimizer":
 optimizer.state_dict()}``. Only trainable tensors are saved: frozen ones come back from the base
-model (with ``model.peft``, only the adapters are trainable, so a checkpoint holds nothing else). Resuming needs the same world size and layout; the step log in the optimizer state makes
-the run replayable on any layout (DESIGN.md section 5).
+model (with ``model.peft`` only the adapters are trainable, so a checkpoint holds nothing else).
+Resuming needs the same world size and layout; the step log in the optimizer state makes the run
+replayable on any layout (DESIGN.md section 5).
 """
 
 from __future__ import annotations
