@@ -197,7 +197,7 @@ def _rank_pid(job: int, rank: int) -> int:
             cmd = (entry / "cmdline").read_text()
         except (OSError, ValueError):
             continue
-        if env.get("SLURM_JOB_ID") == str(job) and env.get("RANK") == str(rank) and "train.py" in cmd \
-                and "deepspeed.launcher" not in cmd and "torchrun" not in cmd:
+        is_rank = any(a.endswith("launch/train.py") for a in cmd.split("\0")[1:3])
+        if env.get("SLURM_JOB_ID") == str(job) and env.get("RANK") == str(rank) and is_rank:
             return int(entry.name)
     raise AssertionError(f"no rank {rank} process of job {job}")
