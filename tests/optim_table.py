@@ -54,6 +54,11 @@ RECORDS: tuple[OptimRecord, ...] = (
     OptimRecord("mezo", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11)),
     OptimRecord("lezo", dict(lr=2e-3, eps=1e-3, sparsity=0.5, seed=11),
                 errors=(({"sparsity": 1.0}, "sparsity"),)),
+    # Backprop needs gradients DeepSpeed's ZeRO-3 only reduces inside its own optimizer.
+    OptimRecord("hybrid", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11,
+                               fo_params=["layers.1.", "model.norm"], fo_lr=2e-3),
+                engines=("local", "fsdp"),
+                errors=(({"fo_params": ["layers.9."]}, "layers.9."), ({"fo_optimizer": "adam"}, "fo_optimizer"))),
 )
 
 

@@ -175,7 +175,7 @@ def check_optimizer_section(section: Any) -> tuple[str, dict[str, Any]]:
         ValueError: not a dict, an unknown key in the section, no ``"type"``, ``"params"`` not a
             dict, an unknown optimizer type or parameter, or an invalid value (named).
     """
-    from zoscale.optim import build_optimizer
+    from zoscale.optim import build_optimizer, get_optimizer_class
 
     if not isinstance(section, dict):
         raise ValueError(f"Invalid 'optimizer' section: expected a dict, got {type(section).__name__}")
@@ -187,7 +187,13 @@ def check_optimizer_section(section: Any) -> tuple[str, dict[str, Any]]:
     params = section.get("params", {})
     if not isinstance(params, dict):
         raise ValueError(f"Invalid 'optimizer.params': expected a dict, got {type(params).__name__}")
-    build_optimizer(section["type"], [("probe", torch.nn.Parameter(torch.zeros(1)))], params)
+    cls = get_optimizer_class(section["type"])
+    if hasattr(cls, "check_options"):
+        # Options that refer to the model's parameters (e.g. the hybrid's FO name patterns)
+        # cannot be checked on a probe; such classes validate everything else themselves.
+        cls.check_options(dict(params))
+    else:
+        build_optimizer(section["type"], [("probe", torch.nn.Parameter(torch.zeros(1)))], params)
     return section["type"], dict(params)
 
 

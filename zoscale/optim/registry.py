@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from zoscale.optim.base import ZOOptimizer
+from zoscale.optim.hybrid import HybridZOFO
 from zoscale.optim.lezo import LeZO
 from zoscale.optim.mezo import MeZO
 
@@ -16,6 +17,7 @@ __all__ = ["OPTIMIZERS", "get_optimizer_class", "build_optimizer"]
 OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
     "mezo": MeZO,
     "lezo": LeZO,
+    "hybrid": HybridZOFO,
 }
 
 
