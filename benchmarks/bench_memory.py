@@ -1,4 +1,4 @@
-"""Per-rank peak-memory benchmark: ZeRO-3 inference vs zoscale MeZO vs DeepSpeed AdamW.
+"""Per-rank peak-memory benchmark: inference vs zoscale MeZO vs AdamW, on ZeRO-3 and on FSDP2.
 
 What is measured, per rank, for each (mode, world size) on the same randomly initialised
 ``LlamaForCausalLM`` built partitioned under ZeRO-3 (``HfDeepSpeedConfig`` kept alive +
@@ -16,6 +16,24 @@ cross-entropy (``labels=input_ids``):
   {"type": "AdamW", "params": {"lr": 1e-5, "torch_adam": true}}`` handed to
   ``deepspeed.initialize``; ``N`` x ``engine.backward(loss); engine.step()``. ``torch_adam``
   makes DeepSpeed use ``torch.optim.AdamW`` (its FusedAdam needs a CUDA build).
+
+``--engine fsdp`` (or ``both``, the default) runs the same modes on PyTorch FSDP2 instead: the
+same model built whole on every rank (``LlamaForCausalLM._from_config``, seed 0), then wrapped
+by ``zoscale.engines.FSDPEngine`` (``fully_shard`` on each decoder layer and on the root, 1-D
+mesh, gloo ranks initialised by ``dist.init_process_group``; deepspeed is not imported):
+
+* ``forward_only``: ``N`` forwards of the wrapped model under ``torch.no_grad()``.
+* ``zo_step`` / ``zo_step_master``: ``MeZO(engine.module.named_parameters(), lr=1e-6, eps=1e-3,
+  shards=engine.shards)`` built after wrapping (``master_weights`` as above).
+* ``adamw_step``: ``torch.optim.AdamW(engine.module.parameters(), lr=1e-5)``; ``N`` x
+  ``loss.backward(); opt.step(); opt.zero_grad()``. FSDP2 parameters are DTensors, so the
+  gradients (reduce-scattered) and AdamW's states are sharded like the parameters.
+
+Every record has ``engine`` (``deepspeed`` or ``fsdp``); ``shard_mib`` of FSDP2 sums
+``p.to_local()`` (no padding counted), and FSDP records also give ``build_peak_rss_mib`` (the
+high-water mark of the build over ``pre_model``: the whole model exists on each rank before
+``fully_shard``). The summary is keyed by engine, then world; ``fsdp_over_deepspeed`` (per world,
+when both ran) compares the two engines' footprints and tensor peaks mode by mode.
 
 Each (mode, world) runs in a fresh set of ``torch.multiprocessing.spawn`` gloo ranks, so peaks
 never carry over. Per rank, after the engine is built: ``gc.collect()``, glibc ``malloc_trim(0)``
@@ -51,10 +69,11 @@ Run from the repository root (JSON on stdout, progress on stderr)::
     .venv/bin/python benchmarks/bench_memory.py --world 1 2                 # small shape (~13M params)
     .venv/bin/python benchmarks/bench_memory.py --world 1 2 --shape smollm2 # SmolLM2-135M's shape
     .venv/bin/python benchmarks/bench_memory.py --quick                     # 2 layers, 1 step, world 1
+    .venv/bin/python benchmarks/bench_memory.py --world 1 2 --engine fsdp   # FSDP2 only
 
-Fields of a record: ``mode, world, rank, baseline_mib`` (VmRSS after reset), ``peak_mib``
+Fields of a record: ``engine, mode, world, rank, baseline_mib`` (VmRSS after reset), ``peak_mib``
 (VmHWM after N steps), ``delta_mib``, ``shard_mib`` (sum of ``p.ds_tensor.numel() *
-element_size`` over this rank's parameters), ``pre_model_mib``, ``footprint_mib`` (peak -
+element_size`` over this rank's parameters; ``p.to_local()`` on FSDP2), ``pre_model_mib``, ``footprint_mib`` (peak -
 pre_model), ``build_rss_mib`` (RSS the build added), ``step_s``,
 ``alloc_peak_mib``, ``cuda_max_allocated_mib`` (null on CPU), and mode-specific extras.
 """
@@ -81,6 +100,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 MODES: tuple[str, ...] = ("forward_only", "zo_step", "zo_step_master", "adamw_step")
+ENGINES: tuple[str, ...] = ("deepspeed", "fsdp")
 SHAPES: dict[str, dict[str, Any]] = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
                   num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=False),
@@ -167,10 +187,15 @@ def llama_config(shape: str, quick: bool) -> Any:
 
 
 def shard_mib(model: torch.nn.Module) -> tuple[float, int]:
-    """(MiB of this rank's ZeRO-3 partitions, total parameter count)."""
+    """(MiB of this rank's ZeRO-3 partitions / FSDP2 local shards, total parameter count)."""
     nbytes = n = 0
     for p in model.parameters():
-        t = p.ds_tensor if hasattr(p, "ds_tensor") else p
+        if hasattr(p, "ds_tensor"):
+            t = p.ds_tensor
+        elif hasattr(p, "to_local"):  # FSDP2 DTensor
+            t = p.to_local()
+        else:
+            t = p
         nbytes += t.numel() * t.element_size()
         n += int(getattr(p, "ds_numel", p.numel()))
     return nbytes / MIB, n
@@ -197,12 +222,25 @@ def precompile_noise(kind: str, master: bool) -> None:
 
 
 # ---------------------------------------------------------------------- one rank
-def _worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespace, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, engine: str, mode: str, args: argparse.Namespace,
+            out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS=str(args.threads))
     if args.noise_backend:
         os.environ["ZOSCALE_NOISE_BACKEND"] = args.noise_backend
     torch.set_num_threads(args.threads)
+    if engine == "fsdp":
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            rec = _measure_fsdp(rank, world, mode, args)
+            with open(os.path.join(out_dir, f"{engine}_{mode}_{world}_{rank}.json"), "w") as f:
+                json.dump(rec, f)
+        finally:
+            # FSDP-wrapped modules sit in reference cycles; collect them before the group goes
+            # (tests/distributed/test_fsdp.py: avoids a rare abort at exit).
+            gc.collect()
+            dist.destroy_process_group()
+        return
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -212,7 +250,7 @@ def _worker(rank: int, world: int, port: int, mode: str, args: argparse.Namespac
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     try:
         rec = _measure(rank, world, mode, args)
-        with open(os.path.join(out_dir, f"{mode}_{world}_{rank}.json"), "w") as f:
+        with open(os.path.join(out_dir, f"{engine}_{mode}_{world}_{rank}.json"), "w") as f:
             json.dump(rec, f)
     finally:
         dist.destroy_process_group()
@@ -223,7 +261,6 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
     from transformers import LlamaForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
-    cuda = torch.cuda.is_available()
     cfg = ds_config(mode, world, args)
     extra: dict[str, Any] = {}
     if mode.startswith("zo_step") and (os.environ.get("ZOSCALE_NOISE_BACKEND") or "compiled") == "compiled":
@@ -254,10 +291,7 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
     shard, n_params = shard_mib(engine.module)
     extra["build_rss_mib"] = proc_status_mib("VmRSS") - pre_model
 
-    g = torch.Generator().manual_seed(1234)
-    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), generator=g)
-    per = args.batch // world
-    x = ids[rank * per:(rank + 1) * per].contiguous()
+    x, per = _batch(rank, world, args)
 
     def loss() -> torch.Tensor:
         return engine(input_ids=x, labels=x).loss
@@ -279,6 +313,80 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
             engine.step()
             return float(loss_value)
 
+    return _run_steps("deepspeed", rank, world, mode, args, step, pre_model, shard, n_params, per, extra)
+
+
+def _batch(rank: int, world: int, args: argparse.Namespace) -> tuple[torch.Tensor, int]:
+    """This rank's slice of the global batch of random tokens, and the micro-batch size."""
+    g = torch.Generator().manual_seed(1234)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq), generator=g)
+    per = args.batch // world
+    return ids[rank * per:(rank + 1) * per].contiguous(), per
+
+
+def _measure_fsdp(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """``_measure`` on FSDP2: the model built whole, then ``FSDPEngine`` (fully_shard per block + root)."""
+    from transformers import LlamaForCausalLM
+
+    extra: dict[str, Any] = {}
+    if mode.startswith("zo_step") and (os.environ.get("ZOSCALE_NOISE_BACKEND") or "compiled") == "compiled":
+        before = proc_status_mib("VmRSS")
+        precompile_noise(args.noise, mode == "zo_step_master")
+        extra["noise_compile_rss_mib"] = proc_status_mib("VmRSS") - before
+    import torch.distributed.fsdp  # noqa: F401
+    import zoscale.engines  # noqa: F401  (imported before the pre-model baseline)
+    from zoscale.engines import FSDPEngine
+    from zoscale.optim import MeZO
+
+    trim_and_reset_hwm()
+    pre_model = proc_status_mib("VmRSS")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM._from_config(llama_config(args.shape, args.quick))
+    model.config.use_cache = False
+    engine = FSDPEngine(model)
+    module = engine.module
+    del model
+    optimizer: Any = None
+    if mode.startswith("zo_step"):
+        optimizer = MeZO(module.named_parameters(), lr=1e-6, eps=1e-3, noise=args.noise,
+                         master_weights=mode == "zo_step_master", shards=engine.shards)
+    elif mode == "adamw_step":
+        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+        extra["inner_optimizer"] = type(optimizer).__name__
+    shard, n_params = shard_mib(module)
+    extra["build_peak_rss_mib"] = proc_status_mib("VmHWM") - pre_model
+    extra["build_rss_mib"] = proc_status_mib("VmRSS") - pre_model
+
+    x, per = _batch(rank, world, args)
+
+    def loss() -> torch.Tensor:
+        return module(input_ids=x, labels=x).loss
+
+    def closure() -> torch.Tensor:
+        with torch.no_grad():
+            return loss()
+
+    if mode == "forward_only":
+        def step() -> float:
+            return float(closure())
+    elif mode.startswith("zo_step"):
+        def step() -> float:
+            return float(optimizer.step(closure))
+    else:
+        def step() -> float:
+            loss_value = loss()
+            loss_value.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            return float(loss_value.detach())
+
+    return _run_steps("fsdp", rank, world, mode, args, step, pre_model, shard, n_params, per, extra)
+
+
+def _run_steps(engine: str, rank: int, world: int, mode: str, args: argparse.Namespace, step: Callable[[], float],
+               pre_model: float, shard: float, n_params: int, per: int, extra: dict[str, Any]) -> dict[str, Any]:
+    """Reset the high-water mark, run ``N`` steps, then one profiled step; the rank's record."""
+    cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -293,7 +401,7 @@ def _measure(rank: int, world: int, mode: str, args: argparse.Namespace) -> dict
     dist.barrier()
     alloc = alloc_peak_mib(step) if args.alloc else None
     delta = peak - baseline
-    return dict(mode=mode, world=world, rank=rank, pre_model_mib=round(pre_model, 2),
+    return dict(engine=engine, mode=mode, world=world, rank=rank, pre_model_mib=round(pre_model, 2),
                 baseline_mib=round(baseline, 2), peak_mib=round(peak, 2), delta_mib=round(delta, 2),
                 shard_mib=round(shard, 3), footprint_mib=round(peak - pre_model, 2),
                 alloc_peak_mib=None if alloc is None else round(alloc, 2),
@@ -309,13 +417,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_config(mode: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Spawn ``world`` fresh ranks for ``mode``; return their records sorted by rank."""
+def run_config(engine: str, mode: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Spawn ``world`` fresh ranks for ``mode`` on ``engine``; return their records sorted by rank."""
     with tempfile.TemporaryDirectory(prefix="bench_memory_") as out:
-        mp.spawn(_worker, args=(world, free_port(), mode, args, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), engine, mode, args, out), nprocs=world, join=True)
         recs = []
         for r in range(world):
-            with open(os.path.join(out, f"{mode}_{world}_{r}.json")) as f:
+            with open(os.path.join(out, f"{engine}_{mode}_{world}_{r}.json")) as f:
                 recs.append(json.load(f))
     return recs
 
@@ -325,7 +433,37 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def summarize(records: list[dict[str, Any]], modes: list[str], worlds: list[int]) -> dict[str, Any]:
-    """Ratios per world, from the maximum over ranks of each quantity."""
+    """Ratios per engine and world, from the maximum over ranks of each quantity.
+
+    Keyed ``{engine: {"world_N": ...}}``; with both engines, ``fsdp_over_deepspeed`` holds
+    per-world, per-mode ratios of FSDP2's footprint / tensor peak / step time over ZeRO-3's.
+    """
+    engines = [e for e in ENGINES if any(r.get("engine", "deepspeed") == e for r in records)]
+    out: dict[str, Any] = {e: _summarize_engine([r for r in records if r.get("engine", "deepspeed") == e],
+                                                modes, worlds) for e in engines}
+    if len(engines) == 2:
+        cmp: dict[str, Any] = {}
+        for w in worlds:
+            c: dict[str, Any] = {}
+            for m in modes:
+                per = {e: [r for r in records if r["engine"] == e and r["mode"] == m and r["world"] == w]
+                       for e in engines}
+                if not all(per.values()):
+                    continue
+                fd, ds = per["fsdp"], per["deepspeed"]
+                c[m] = {"by_footprint": _ratio(max(r["footprint_mib"] for r in fd),
+                                               max(r["footprint_mib"] for r in ds)),
+                        "by_step_s": _ratio(max(r["step_s"] for r in fd), max(r["step_s"] for r in ds))}
+                if fd[0]["alloc_peak_mib"] is not None and ds[0]["alloc_peak_mib"] is not None:
+                    c[m]["by_alloc_peak"] = _ratio(max(r["alloc_peak_mib"] for r in fd),
+                                                   max(r["alloc_peak_mib"] for r in ds))
+            cmp[f"world_{w}"] = c
+        out["fsdp_over_deepspeed"] = cmp
+    return out
+
+
+def _summarize_engine(records: list[dict[str, Any]], modes: list[str], worlds: list[int]) -> dict[str, Any]:
+    """Ratios per world for one engine's records."""
     out: dict[str, Any] = {}
     keys = ("footprint_mib", "peak_mib", "delta_mib", "alloc_peak_mib")
     for w in worlds:
@@ -365,6 +503,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--world", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    ap.add_argument("--engine", choices=(*ENGINES, "both"), default="both",
+                    help="ZeRO-3 (deepspeed), FSDP2 (fsdp) or both (default)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="small")
     ap.add_argument("--steps", type=int, default=3, help="N steps per phase (default 3)")
     ap.add_argument("--batch", type=int, default=8, help="global batch, split over ranks")
@@ -388,16 +528,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import deepspeed
     import transformers
 
+    engines = list(ENGINES) if args.engine == "both" else [args.engine]
     records: list[dict[str, Any]] = []
     t0 = time.time()
-    for w in args.world:
-        for m in args.modes:
-            log(f"{m} world={w} ...")
-            t = time.perf_counter()
-            recs = run_config(m, w, args)
-            records += recs
-            log(f"  done in {time.perf_counter() - t:.1f}s: "
-                + ", ".join(f"r{r['rank']} delta {r['delta_mib']} MiB shard {r['shard_mib']:.1f}" for r in recs))
+    for e in engines:
+        for w in args.world:
+            for m in args.modes:
+                log(f"{e} {m} world={w} ...")
+                t = time.perf_counter()
+                recs = run_config(e, m, w, args)
+                records += recs
+                log(f"  done in {time.perf_counter() - t:.1f}s: "
+                    + ", ".join(f"r{r['rank']} delta {r['delta_mib']} MiB shard {r['shard_mib']:.1f}" for r in recs))
     result = dict(
         meta=dict(torch=torch.__version__, deepspeed=deepspeed.__version__, transformers=transformers.__version__,
                   python=platform.python_version(), shape=args.shape, quick=args.quick,
@@ -406,7 +548,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                   batch=args.batch, seq=args.seq, steps=args.steps, noise=args.noise,
                   noise_backend=args.noise_backend or os.environ.get("ZOSCALE_NOISE_BACKEND", "compiled"),
                   threads_per_rank=args.threads, cuda=torch.cuda.is_available(),
+                  engines=engines,
                   adamw_config=ds_config("adamw_step", 1, args)["optimizer"],
+                  fsdp_adamw_config={"type": "torch.optim.AdamW", "params": {"lr": 1e-5}},
                   timestamp=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t0)),
                   wall_s=round(time.time() - t0, 1),
                   hwm_reset=all(r["hwm_reset"] for r in records),
