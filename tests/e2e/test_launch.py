@@ -218,3 +218,42 @@ def test_every_shipped_ds_config_is_valid() -> None:
     assert {c.name for c in configs} >= {"zero3_mezo.json", "zero2_mezo.json", "zero3_mezo_bf16.json", "zero3_lezo.json"}
     for c in configs:
         load_ds_config(c)
+
+
+def _adapters(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(run / "final" / "adapter_model.safetensors")
+
+
+@pytest.mark.parametrize("mode,engine", [("lora", "deepspeed"), ("prompt", "fsdp")])
+def test_peft_two_ranks_follow_the_single_process_trajectory(tmp_path: Path, mode: str, engine: str) -> None:
+    # MeZO's settings for the mode scaled to the tiny model (tests/unit/test_peft.py).
+    lr, eps = {"lora": (0.02, 0.01), "prompt": (0.1, 0.01)}[mode]
+    peft = f"model.peft.type={mode}"
+    _single(tmp_path, "one", peft, f"optimizer.params.lr={lr}", f"optimizer.params.eps={eps}")
+    ds = _ds_config(tmp_path, 3, lr=lr, eps=eps)
+    if engine == "deepspeed":
+        _deepspeed(tmp_path, "two", ds, "--steps", str(STEPS), peft)
+    else:
+        _torchrun(tmp_path, "two", 2, "--engine", "fsdp", "--ds_config", str(ds), "--steps", str(STEPS), peft)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    # The final output of both is a peft adapter folder with the same adapters (tolerance: module docstring).
+    a1, a2 = _adapters(tmp_path / "one"), _adapters(tmp_path / "two")
+    assert set(a1) == set(a2) and a1
+    for name, p in a1.items():
+        torch.testing.assert_close(a2[name], p, rtol=0, atol=5e-5, msg=name)
+    assert not (tmp_path / "two" / "final" / "model.safetensors").exists()
+    # And the adapters moved far beyond that tolerance from their (seed 0) initialisation.
+    from peft import PeftModel
+
+    from zoscale.models import tiny_llama
+    from zoscale.peft import adapter_parameters, apply_peft
+
+    init = dict(adapter_parameters(apply_peft(tiny_llama(), {"type": mode}, seed=0)))
+    loaded = dict(PeftModel.from_pretrained(tiny_llama(), tmp_path / "two" / "final").named_parameters())
+    moved = max((loaded[n] - p).abs().max().item() for n, p in init.items())
+    assert moved > 1e-2, moved
