@@ -14,8 +14,8 @@ from torch.func import functional_call
 from zoscale import noise
 from zoscale.optim.base import NonFiniteLossError, ShardEntry
 from zoscale.optim.lozo import LOZO, LOZOM, ROW_CHUNK, lowrank_axpb_, row_range
-from zoscale.optim.mezo import MeZO
 from zoscale.models import tiny_llama
+from zoscale.optim.mezo import MeZO
 from zoscale.shards import ShardView
 
 KINDS = ["gaussian", "rademacher"]
@@ -489,3 +489,17 @@ def test_loss_falls_on_a_tiny_llama(cls: type, kw: dict) -> None:
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.15, (losses[:5], losses[-5:])
     assert opt.last_step_timing.keys() >= {"perturb", "forward", "communication", "update"}
     assert opt.step_log[-1]["step"] == 59
+
+
+def test_registry_options_reach_the_classes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a DeepSpeed JSON section does, once "lozo" / "lozo_m" are registered (done here for the test)."""
+    from zoscale.optim import registry
+
+    monkeypatch.setitem(registry.OPTIMIZERS, "lozo", LOZO)
+    monkeypatch.setitem(registry.OPTIMIZERS, "lozo_m", LOZOM)
+    opt = registry.build_optimizer("LOZO", mlp().named_parameters(), {"lr": 1e-4, "rank": 1, "nu": 100})
+    assert type(opt) is LOZO and opt.param_groups[0]["rank"] == 1 and opt.param_groups[0]["nu"] == 100
+    opt = registry.build_optimizer("lozo_m", mlp().named_parameters(), {"lr": 1e-4, "beta": 0.8})
+    assert type(opt) is LOZOM and opt.param_groups[0]["beta"] == 0.8
+    with pytest.raises(ValueError, match="beta"):  # LOZO has no momentum: named as unknown
+        registry.build_optimizer("lozo", mlp().named_parameters(), {"beta": 0.9})

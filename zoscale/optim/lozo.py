@@ -20,7 +20,7 @@ import torch
 
 from zoscale import noise
 from zoscale.optim.base import NonFiniteLossError, ShardEntry, ZOOptimizer, _written
-from zoscale.shards import ShardProvider, ShardView
+from zoscale.shards import ShardProvider
 
 __all__ = ["LOZO", "LOZOM", "LowRankDirection", "lowrank_axpb_", "row_range", "U_SUFFIX", "V_SUFFIX", "ROW_CHUNK"]
 
@@ -33,7 +33,7 @@ ROW_CHUNK = 1 << 16
 
 
 def row_range(offset: int, length: int, cols: int) -> tuple[int, int]:
-    """Rows ``[first, last)`` of a row-major matrix with ``cols`` columns touched by flat ``[offset, offset+length)``."""
+    """Rows ``[first, last)`` of a row-major ``? x cols`` matrix that flat ``[offset, offset + length)`` touches."""
     return offset // cols, (offset + length - 1) // cols + 1
 
 
@@ -81,7 +81,8 @@ def lowrank_axpb_(dst: torch.Tensor, src: torch.Tensor, start: int, A: torch.Ten
     """
     length = dst.numel()
     if src.numel() != length or dst.dim() != 1 or src.dim() != 1:
-        raise ValueError(f"lowrank_axpb_ takes 1-D tensors of equal length, got {tuple(dst.shape)} and {tuple(src.shape)}")
+        raise ValueError(f"lowrank_axpb_ takes 1-D tensors of equal length, got {tuple(dst.shape)} and "
+                         f"{tuple(src.shape)}")
     if length == 0:
         return dst
     cols = V.shape[0]
@@ -124,8 +125,8 @@ class LOZO(ZOOptimizer):
     Tensors that are not 2-D (biases, norms; conv kernels) take the ordinary MeZO step with a
     full ``z``, bit for bit as :class:`~zoscale.optim.mezo.MeZO` does.
 
-    Scale (the paper's low-rank gradient estimator, eq. 3): the perturbation is ``eps U V^T``
-    and the gradient estimate ``g U V^T / r``. With ``E[U V^T <G, U V^T>] = r G`` the ``1/r``
+    Scale (the paper's low-rank gradient estimator): the perturbation is ``eps U V^T`` and the
+    gradient estimate ``g U V^T / r``. With ``E[U V^T <G, U V^T>] = r G`` the ``1/r``
     makes it unbiased (for eps -> 0), like MeZO's ``g z``. The public LOZO code omits the
     ``1/r`` in its update: its learning rate equals ours divided by ``r`` (identical at r = 1).
 
@@ -241,8 +242,8 @@ class LOZO(ZOOptimizer):
         return self._timed("perturb", self._directions, entries, self.param_groups[0]["seed"], step, query)
 
     # ----------------------------------------------------------------- passes
-    def _perturb(self, entries: list[ShardEntry], keys: list[Direction], scale: list[float], *,  # type: ignore[override]
-                 delta: list[float]) -> None:
+    def _perturb(self, entries: list[ShardEntry], keys: list[Direction],  # type: ignore[override]
+                 scale: list[float], *, delta: list[float]) -> None:
         """Move every shard by ``scale[g]`` times its direction (``U V^T`` or ``z``); see the base class."""
         plain = [(e, k) for e, k in zip(entries, keys) if not isinstance(k, LowRankDirection)]
         if plain:
@@ -352,16 +353,20 @@ class LOZOM(LOZO):
         N <- beta N + (1 - beta) g U
         W <- (1 - lr wd) W - lr N V^T / r
 
-    (the paper's eqs. for LOZO-M, with the same ``1/r`` as LOZO; ``N`` starts at 0). Because
-    ``V^T V ~ n I``, ``N V_old^T V / n`` is the coefficient of the old momentum ``N V_old^T``
-    projected onto the new subspace (least squares for ``V^T V = n I``, exactly so for Rademacher
-    ``V`` up to its off-diagonal): the paper's and the public code's rule. The window ``N`` is
-    expressed in is stored with it (``state["momentum_window"]``), so the projection is
-    applied whenever the window changed since ``N`` was last written -- also after a resume.
+    (the paper's LOZO-M, with the same ``1/r`` as LOZO; ``N`` starts at 0). At a resample the
+    old full momentum ``N V_old^T`` is carried into the new subspace: its least-squares
+    coefficient there is ``N V_old^T V (V^T V)^-1``, and ``V^T V ~ n I`` (its diagonal is
+    exactly ``n`` for Rademacher ``V``) gives the paper's (and the public code's) cheap form
+    ``N V_old^T V / n``: an ``r x r`` product, the same on every rank, applied row by row. The
+    window ``N`` is expressed in is stored with it (``state["momentum_window"]``), so the
+    projection is applied whenever the window changed since ``N`` was last written -- also
+    after a resume.
 
     Tensors that are not 2-D keep a full momentum (shaped like their local shard; biases and
     norms are small): ``m <- beta m + (1 - beta) g z``, ``theta <- (1 - lr wd) theta - lr m``, as
-    the public code does. ``beta = 0`` is LOZO.
+    the public code does. ``beta = 0`` is LOZO. Where the public code differs: its first step
+    sets the momentum to ``g U`` (``g z``) instead of ``(1 - beta) g U`` (a first update
+    ``1 / (1 - beta)`` times larger); here both start from zero, as the paper's recursion.
 
     Passes: with ``q = 1`` still three per step, the update fused with the restore
     (``W <- decay x + (-decay off U - lr/r N) V^T``, both factors on the same ``V``); non-2-D
@@ -482,7 +487,10 @@ class LOZOM(LOZO):
         eps = [g["eps"] for g in groups]
         dirs = self._keys(entries, step, query)
         device = entries[0].view.local.device if entries else torch.device("cpu")
-        perturb = lambda scale, delta: self._timed("perturb", self._perturb, entries, dirs, scale, delta=delta)  # noqa: E731
+
+        def perturb(scale: list[float], delta: list[float]) -> None:
+            self._timed("perturb", self._perturb, entries, dirs, scale, delta=delta)
+
         if groups[0]["one_sided"]:
             l0 = self._call(closure)
             perturb(eps, eps)
