@@ -139,3 +139,34 @@ def test_torchrun_on_two_nodes_follows_the_single_process_run(tmp_path: Path, re
     outs = run_nodes([torchrun_node(n, port, args) for n in (0, 1)])
     assert '"world_size": 2' in outs[0].stdout
     _assert_same(losses(tmp_path / "fsdp"), reference)
+
+
+def test_across_two_nodes_hsdp_and_replicas_send_only_the_loss_pair(tmp_path: Path) -> None:
+    """benchmarks/bench_scaling.py on 2 nodes x 2 ranks (torchrun launchers): counted bytes per step.
+
+    The optimizer issues one all-reduce of the loss pair (2 float64) per step, whatever the
+    engine; ZeRO-3's forwards all-gather every parameter twice per step across the nodes; HSDP's
+    all-gathers stay inside a node and replicas gather nothing, so what crosses the nodes is the
+    loss pair only.
+    """
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"), "--shape", "tiny",
+                           "--layouts", "2x2", "--engines", "zero3", "hsdp", "replicas", "--steps", "2"],
+                          capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = {r["engine"]: r for r in json.loads(done.stdout)["records"]}
+    assert set(records) == {"zero3", "hsdp", "replicas"}
+    ring = 2 * (4 - 1) / 4  # a ring all-reduce moves 2(g-1)/g of the tensor through each rank
+    for engine, r in records.items():
+        assert (r["nodes"], r["ranks_per_node"]) == (2, 2)
+        assert r["optimizer"]["ops"] == ["all_reduce"] and r["optimizer"]["calls_per_step"] == 1, engine
+        assert r["optimizer"]["payload_bytes_per_step"] == 16, engine
+        assert r["optimizer"]["inter_node_wire_bytes_per_step"] == ring * 16, engine
+    param_bytes = records["zero3"]["param_bytes"]
+    # ZeRO-3: each of the 2 forwards gathers every parameter over all 4 ranks, across the nodes.
+    assert records["zero3"]["forward"]["payload_bytes_per_step"] == 2 * param_bytes
+    assert records["zero3"]["forward"]["inter_node_wire_bytes_per_step"] == 2 * param_bytes * 3 / 4
+    # HSDP: the same parameters gathered inside each node's 2-rank shard group, nothing across.
+    assert records["hsdp"]["forward"]["payload_bytes_per_step"] >= 2 * param_bytes  # FSDP pads rows
+    assert records["hsdp"]["forward"]["inter_node_wire_bytes_per_step"] == 0
+    assert records["hsdp"]["forward"]["wire_bytes_per_step"] > 0
+    assert records["replicas"]["forward"]["calls_per_step"] == 0
