@@ -503,3 +503,20 @@ def test_registry_options_reach_the_classes(monkeypatch: pytest.MonkeyPatch) -> 
     assert type(opt) is LOZOM and opt.param_groups[0]["beta"] == 0.8
     with pytest.raises(ValueError, match="beta"):  # LOZO has no momentum: named as unknown
         registry.build_optimizer("lozo", mlp().named_parameters(), {"beta": 0.9})
+
+
+@pytest.mark.parametrize("cls", [LOZO, LOZOM])
+def test_bf16_with_master_weights_restores_bitwise_and_keeps_fp32_state(cls: type) -> None:
+    """lr = 0: three passes per step leave bf16 weights bitwise unchanged (the master is exact)."""
+    model = mlp(dtype=torch.bfloat16)
+    x, y = data(dtype=torch.bfloat16)
+    start = params_of(model)
+    opt = cls(model.named_parameters(), lr=0.0, eps=1e-2, rank=2, nu=2, master_weights=True)
+    for _ in range(3):
+        opt.step(closure_of(model, x, y))
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), start[n]), n
+        st = opt.state[p]
+        assert st["master"].dtype == torch.float32
+        if cls is LOZOM:
+            assert st["momentum"].dtype == torch.float32 and st["momentum"].abs().max() > 0
