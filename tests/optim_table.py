@@ -54,6 +54,10 @@ RECORDS: tuple[OptimRecord, ...] = (
     OptimRecord("mezo", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11)),
     OptimRecord("lezo", dict(lr=2e-3, eps=1e-3, sparsity=0.5, seed=11),
                 errors=(({"sparsity": 1.0}, "sparsity"),)),
+    OptimRecord("lozo", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11, rank=2, nu=2),
+                errors=(({"rank": 0}, "rank"), ({"nu": 0}, "nu"))),
+    OptimRecord("lozo_m", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11, rank=2, nu=2, beta=0.9),
+                errors=(({"beta": 1.0}, "beta"),)),
     # Backprop needs gradients DeepSpeed's ZeRO-3 only reduces inside its own optimizer.
     OptimRecord("hybrid", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11,
                                fo_params=["layers.1.", "model.norm"], fo_lr=2e-3),

@@ -3,7 +3,8 @@
 from zoscale.optim.base import NonFiniteLossError, ZOOptimizer
 from zoscale.optim.hybrid import HybridZOFO
 from zoscale.optim.lezo import LeZO
+from zoscale.optim.lozo import LOZO, LOZOM
 from zoscale.optim.mezo import MeZO
 from zoscale.optim.registry import OPTIMIZERS, build_optimizer, get_optimizer_class
 
-__all__ = ["MeZO", "LeZO", "HybridZOFO", "ZOOptimizer", "NonFiniteLossError", "OPTIMIZERS", "build_optimizer", "get_optimizer_class"]
+__all__ = ["MeZO", "LeZO", "LOZO", "LOZOM", "HybridZOFO", "ZOOptimizer", "NonFiniteLossError", "OPTIMIZERS", "build_optimizer", "get_optimizer_class"]

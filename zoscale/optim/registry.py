@@ -10,6 +10,7 @@ import torch
 from zoscale.optim.base import ZOOptimizer
 from zoscale.optim.hybrid import HybridZOFO
 from zoscale.optim.lezo import LeZO
+from zoscale.optim.lozo import LOZO, LOZOM
 from zoscale.optim.mezo import MeZO
 
 __all__ = ["OPTIMIZERS", "get_optimizer_class", "build_optimizer"]
@@ -18,6 +19,8 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
     "mezo": MeZO,
     "lezo": LeZO,
     "hybrid": HybridZOFO,
+    "lozo": LOZO,
+    "lozo_m": LOZOM,
 }
 
 
