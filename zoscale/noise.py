@@ -51,6 +51,11 @@ __all__ = [
     "perturb_from_master_",
     "update_master_",
     "backend",
+    "mask_words",
+    "masked_axpbz_pack_",
+    "masked_axpbz_",
+    "masked_perturb_from_master_",
+    "masked_update_master_",
 ]
 
 logger = logging.getLogger(__name__)
@@ -254,4 +259,158 @@ def update_master_(dst: torch.Tensor, master: torch.Tensor, start: int, key: int
                    kind: str = "gaussian", *, eager: bool = False) -> torch.Tensor:
     """``master = a*master + b*z; dst = cast(master)`` in one pass."""
     _run("update_master", (dst, master), start, key, (float(a), float(b)), kind, eager)
+    return dst
+
+
+# ---------------------------------------------------------------------- masked kernels (Sparse MeZO)
+# A per-element mask m restricts a pass to the selected elements: x = m ? a*x + b*z : x, where
+# unselected elements are left bitwise as they were. Where m comes from:
+#   * from a threshold on an fp32-or-wider master shard, m = |master| <= h (recomputed each
+#     pass: the master does not move between the passes of a query);
+#   * from a packed bit mask, 1 bit per element, for shards edited in place (no master): the
+#     first pass of a query computes m = |x| <= h from the unperturbed x and writes the bits,
+#     later passes read them (x is then perturbed and no longer tells m apart).
+# Packed layout: int64 words aligned to *global* flat index: bit (i mod 64) of word
+# (i div 64 - start div 64) holds element i, for i in [start, start + n). A shard of n elements
+# needs mask_words(start, n) <= n/64 + 2 words: n/8 bytes, 1/32 of an fp32 shard. The alignment
+# makes every Rademacher row of 64 (see _segments) one word, so the mask is read like the noise
+# bits: one 64-bit load per row, no gather. Gaussian noise uses the same rows (the value of z_i is
+# the same function of i; the kernel only groups the loop by 64). The unaligned head and tail of a
+# shard each lie inside one word.
+
+
+def mask_words(start: int, n: int) -> int:
+    """Number of int64 words of the packed mask of global flat indices ``[start, start + n)``."""
+    if n <= 0:
+        return 0
+    return ((start + n + 63) >> 6) - (start >> 6)
+
+
+def _z_rows(like: torch.Tensor, start: int, key: int, gaussian: bool) -> torch.Tensor:
+    """:func:`_z`, also for Gaussian noise on rows of 64 (same values as the flat layout)."""
+    if like.dim() == 2 and gaussian:
+        r = torch.arange(like.shape[0], device=like.device, dtype=torch.int64) * 64 + start
+        col = torch.arange(64, device=like.device, dtype=torch.int64)
+        h = _hash(r[:, None] + col[None, :], key)
+        u1 = (_srl(h, 40).to(torch.float32) + 0.5) * _INV_2_24
+        u2 = (h & 0xFFFFFF).to(torch.float32) * _INV_2_24
+        return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
+    return _z(like, start, key, gaussian)
+
+
+def _bit_of(like: torch.Tensor, start: int) -> torch.Tensor:
+    """The bit position (global index mod 64) of ``like``'s elements in their mask word."""
+    if like.dim() == 2:
+        return torch.arange(64, device=like.device, dtype=torch.int64)[None, :]
+    return (torch.arange(like.numel(), device=like.device, dtype=torch.int64) + start) & 63
+
+
+def _unpack(like: torch.Tensor, words: torch.Tensor, start: int) -> torch.Tensor:
+    """The boolean mask of ``like``'s elements from their words (``[rows]`` or ``[1]``)."""
+    w = words[:, None] if like.dim() == 2 else words
+    # Compared as fp32 so that the select is a float vector mask (an int64 one is slow on CPU).
+    return ((w >> _bit_of(like, start)) & 1).to(torch.float32) != 0.0
+
+
+def _masked_axpbz_pack_kernel(x: torch.Tensor, words: torch.Tensor, start: int, key: int, a: float, b: float,
+                              threshold: float, gaussian: bool) -> None:
+    acc = _acc_dtype(x.dtype)
+    xa = x.to(acc)
+    m = xa.abs() <= threshold
+    words.copy_((m.to(torch.int64) << _bit_of(x, start)).sum(dim=-1).reshape(words.shape))
+    z = _z_rows(x, start, key, gaussian).to(acc)
+    x.copy_(torch.where(m, (xa * a + z * b).to(x.dtype), x))
+
+
+def _masked_axpbz_kernel(x: torch.Tensor, words: torch.Tensor, start: int, key: int, a: float, b: float,
+                         gaussian: bool) -> None:
+    acc = _acc_dtype(x.dtype)
+    z = _z_rows(x, start, key, gaussian).to(acc)
+    x.copy_(torch.where(_unpack(x, words, start), (x.to(acc) * a + z * b).to(x.dtype), x))
+
+
+def _masked_from_master_kernel(dst: torch.Tensor, master: torch.Tensor, start: int, key: int, b: float,
+                               threshold: float, gaussian: bool) -> None:
+    z = _z(dst, start, key, gaussian).to(master.dtype)
+    dst.copy_(torch.where(master.abs() <= threshold, master + z * b, master))
+
+
+def _masked_update_master_kernel(dst: torch.Tensor, master: torch.Tensor, start: int, key: int, a: float, b: float,
+                                 threshold: float, gaussian: bool) -> None:
+    z = _z(dst, start, key, gaussian).to(master.dtype)
+    new = torch.where(master.abs() <= threshold, master * a + z * b, master)
+    master.copy_(new)
+    dst.copy_(new)
+
+
+_KERNELS.update({
+    "masked_axpbz_pack": _masked_axpbz_pack_kernel,
+    "masked_axpbz": _masked_axpbz_kernel,
+    "masked_from_master": _masked_from_master_kernel,
+    "masked_update_master": _masked_update_master_kernel,
+})
+
+
+def _run_words(name: str, x: torch.Tensor, words: torch.Tensor, start: int, key: int, scalars: tuple[float, ...],
+               kind: str, eager: bool) -> None:
+    """:func:`_run` for the kernels that take a packed mask: rows of 64 for both kinds."""
+    check_kind(kind)
+    n = x.numel()
+    if x.dim() != 1 or not x.is_contiguous():
+        raise ValueError(f"noise kernels take contiguous 1-D tensors, got {tuple(x.shape)}")
+    if words.dtype != torch.int64 or words.dim() != 1 or not words.is_contiguous() \
+            or words.numel() != mask_words(start, n):
+        raise ValueError(f"the packed mask of {n} elements from {start} is a contiguous int64 tensor of "
+                         f"{mask_words(start, n)} words, got {words.dtype} {tuple(words.shape)}")
+    if n == 0:
+        return
+    fn, chunk = _kernel(name, eager)
+    gaussian = kind == "gaussian"
+    base = start >> 6
+    for lo, hi, rows in _segments(start, n, "rademacher"):
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            w = ((start + a) >> 6) - base
+            if rows:
+                fn(x[a:b].view(-1, 64), words[w:w + (b - a) // 64], start + a, key, *scalars, gaussian)
+            else:  # the head or the tail: inside one word
+                fn(x[a:b], words[w:w + 1], start + a, key, *scalars, gaussian)
+
+
+def masked_axpbz_pack_(x: torch.Tensor, words: torch.Tensor, start: int, key: int, a: float, b: float,
+                       threshold: float, kind: str = "gaussian", *, eager: bool = False) -> torch.Tensor:
+    """Select ``m = |x| <= threshold``, write it packed to ``words``, then ``x = m ? a*x + b*z : x``.
+
+    The mask is taken from ``x`` before the edit (compared in at least fp32). ``words`` holds
+    :func:`mask_words` ``(start, x.numel())`` int64 words (layout: see the section comment);
+    every word is overwritten. Unselected elements are not modified.
+    """
+    _run_words("masked_axpbz_pack", x, words, start, key, (float(a), float(b), float(threshold)), kind, eager)
+    return x
+
+
+def masked_axpbz_(x: torch.Tensor, words: torch.Tensor, start: int, key: int, a: float, b: float,
+                  kind: str = "gaussian", *, eager: bool = False) -> torch.Tensor:
+    """In place ``x = m ? a*x + b*z : x`` with the mask ``m`` read from packed ``words``.
+
+    With every bit set this is :func:`axpbz_`, bit for bit.
+    """
+    _run_words("masked_axpbz", x, words, start, key, (float(a), float(b)), kind, eager)
+    return x
+
+
+def masked_perturb_from_master_(dst: torch.Tensor, master: torch.Tensor, start: int, key: int, b: float,
+                                threshold: float, kind: str = "gaussian", *, eager: bool = False) -> torch.Tensor:
+    """``dst = cast(|master| <= threshold ? master + b*z : master)``."""
+    _run("masked_from_master", (dst, master), start, key, (float(b), float(threshold)), kind, eager)
+    return dst
+
+
+def masked_update_master_(dst: torch.Tensor, master: torch.Tensor, start: int, key: int, a: float, b: float,
+                          threshold: float, kind: str = "gaussian", *, eager: bool = False) -> torch.Tensor:
+    """``master = |master| <= threshold ? a*master + b*z : master; dst = cast(master)`` in one pass.
+
+    The mask is taken from the master before the update.
+    """
+    _run("masked_update_master", (dst, master), start, key, (float(a), float(b), float(threshold)), kind, eager)
     return dst
