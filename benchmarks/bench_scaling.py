@@ -301,12 +301,12 @@ def run_layout(layout: str, args: argparse.Namespace, out: Path) -> float:
         cmds = [[str(Path(sys.executable).parent / "torchrun"), "--nnodes", str(nodes), "--node_rank", str(n),
                  "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
                  __file__, "--worker", "--layout", layout, "--out", str(out), *worker_args] for n in range(nodes)]
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-                 for c in cmds]
-        errs = [p.communicate()[1] for p in procs]
-        for p, e in zip(procs, errs):
-            if p.returncode != 0:
-                raise RuntimeError(f"layout {layout} failed:\n{e[-3000:]}")
+        logs = [out.parent / f"{layout}-node{n}.log" for n in range(nodes)]  # files: a full pipe would block
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w")) for c, log in
+                 zip(cmds, logs)]
+        for p, log in zip(procs, logs):
+            if p.wait() != 0:
+                raise RuntimeError(f"layout {layout} failed:\n{log.read_text()[-3000:]}")
     else:
         import torch.multiprocessing as mp
 

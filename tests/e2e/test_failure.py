@@ -200,6 +200,7 @@ def _cleanup(procs: list[subprocess.Popen], ranks: list[int]) -> None:
         p.wait()
 
 
+@pytest.mark.distributed
 def test_torchrun_survivor_names_a_killed_rank_and_exits(tmp_path: Path) -> None:
     port = free_port()
     args = ["--engine", "fsdp", "--ds_config", str(ds_config(tmp_path)), *common(tmp_path, "run"),
@@ -222,9 +223,11 @@ def test_torchrun_survivor_names_a_killed_rank_and_exits(tmp_path: Path) -> None
     assert line is not None, node0[-4000:]
     assert f"rank 1 (pid {victim} " in line and f"exits with code {EXIT_PEER_LOST}" in line, line
     assert f"exitcode  : {EXIT_PEER_LOST}" in node0  # torchrun reports rank 0's code
+    print(f"torchrun: killed rank 1; node 0's launcher exited {elapsed:.1f} s later")
     assert elapsed < 60, elapsed
 
 
+@pytest.mark.distributed
 def test_deepspeed_survivor_names_a_hung_rank_after_the_heartbeat_timeout(tmp_path: Path) -> None:
     port = free_port()
     timeout = 5
@@ -247,5 +250,6 @@ def test_deepspeed_survivor_names_a_hung_rank_after_the_heartbeat_timeout(tmp_pa
     line = next((x for x in node0.splitlines() if x.startswith("[zoscale rank 0]")), None)
     assert line is not None, node0[-4000:]
     assert f"rank 1 (pid {victim} " in line and "sent no heartbeat" in line, line
+    print(f"deepspeed: froze rank 1; node 0's launcher exited {elapsed:.1f} s later (timeout {timeout} s)")
     # Bounded: the heartbeat timeout plus the time to notice and exit (seconds on a busy machine).
     assert timeout - 1 <= elapsed < timeout + 30, elapsed
