@@ -7,7 +7,8 @@ its own padding), through the trainer's own path: the model is loaded by the eng
 is partitioned at load and the adapters are created afterwards), ``apply_peft``, the engine, the
 optimizer on ``adapter_parameters``. DeepSpeed uses the CPU accelerator and skips its shm comm
 op build (see tests/distributed/test_deepspeed.py). Workers and the reference use the eager noise
-kernels, so every run applies bit-identical z.
+kernels, so every run applies bit-identical z. The LoRA run is also checkpointed and resumed in
+a fresh engine.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from tests.distributed.spawn import run  # noqa: E402
 from zoscale.data.tasks import SST2Task, label_logits, loss_fn  # noqa: E402
 from zoscale.models import load_causal_lm, tiny_llama, tiny_opt, tiny_tokenizer  # noqa: E402
 from zoscale.optim.mezo import MeZO  # noqa: E402
-from zoscale.peft import adapter_parameters, adapter_state_dict, apply_peft, save_adapter  # noqa: E402
+from zoscale.peft import adapter_parameters, adapter_state_dict, apply_peft  # noqa: E402
+from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -48,6 +50,7 @@ CASES = (("llama", "lora"), ("llama", "prefix"), ("llama", "prompt"), ("opt", "l
 # (1e5: the tiny models' parameters, adapters included, are kept whole), FSDP2.
 ENGINES = ("zero3", "zero3_persist", "fsdp")
 SEED = 7
+RESUMED, RESUME_AT = ("llama", "lora"), 2  # checkpointed after step 2, resumed in a fresh engine
 
 
 def _rows() -> list[dict[str, Any]]:
@@ -118,7 +121,11 @@ def _worker(rank: int, world: int, folders: dict[str, str], out: str) -> None:
                 assert not any(v.replicated for v in views)  # adapters partitioned by deepspeed.initialize
             if engine_name == "zero3_persist":
                 assert all(p.ds_persist for _, p in named)
-            losses = [opt.step(lambda: loss_fn(module, part, ids)) for _ in range(STEPS)]
+            losses = []
+            for step in range(1, STEPS + 1):
+                losses.append(opt.step(lambda: loss_fn(module, part, ids)))
+                if step == RESUME_AT and (kind, mode) == RESUMED:
+                    save_checkpoint(Path(out) / f"ckpt-{engine_name}", step, opt, rank, world, keep=1)
             adapters = adapter_state_dict(module)
             base = {n: p for n, p in module.named_parameters() if not p.requires_grad}
             zero3 = [p for p in base.values() if hasattr(p, "ds_tensor")]
@@ -130,6 +137,26 @@ def _worker(rank: int, world: int, folders: dict[str, str], out: str) -> None:
             results[f"{kind}/{mode}/{engine_name}"] = {"losses": losses, "adapters": adapters, "base": base_full,
                                                        "saved": str(saved)}
             del engine, module, model, opt
+    # Resume: a fresh engine and optimizer loaded from the checkpoint continue the same run.
+    kind, mode = RESUMED
+    for engine_name in ENGINES:
+        builder, model = _build(engine_name, folders[kind])
+        engine = builder.build(apply_peft(model, {"type": mode}, seed=SEED + 1))  # other init: all must be loaded
+        unset_hf_deepspeed_config()
+        module = engine.module
+        opt = MeZO(adapter_parameters(module), shards=engine.shards, seed=SEED, **MODES[mode])
+        start = load_checkpoint(latest_checkpoint(Path(out) / f"ckpt-{engine_name}"), opt, rank, world)
+        for p in opt.param_groups[0]["params"]:
+            if getattr(p, "ds_persist", False):
+                # A whole (persistent) adapter: its partition, which DeepSpeed re-gathers from
+                # whenever it releases the parameter, got the loaded values too.
+                ps = p.ds_tensor.numel()
+                valid = max(0, min(ps, p.ds_numel - rank * ps))
+                full = opt.shards.view(p).local
+                assert torch.equal(p.ds_tensor[:valid], full[rank * ps:rank * ps + valid])
+        losses = [opt.step(lambda: loss_fn(module, part, ids)) for _ in range(start, STEPS)]
+        results[f"resumed/{engine_name}"] = {"losses": losses, "adapters": adapter_state_dict(module)}
+        del engine, module, model, opt
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -171,9 +198,11 @@ def test_peft_on_zero3_and_fsdp2_follows_the_single_process_trajectory(tmp_path:
             assert got["losses"] == ranks[1][key]["losses"], key
             # Against one process on the whole batch, the difference is the loss: the mean of two
             # fp32 half-batch means, each over its own padding, instead of one mean (a few ulp,
-            # measured <= 1e-6 relative). g divides it by 2 eps, so each update is off by about
-            # lr * (1e-6 * loss / eps) * |z| <= 0.3 * 1e-5 * 4 ~ 1e-5 in the worst mode (prefix);
-            # 5e-5 bounds 4 steps and is far below how far the adapters moved (checked below).
+            # <= 1e-6 relative). g divides it by 2 eps, so each update is off by about
+            # lr * (1e-6 * loss / eps) * |z| <= 0.3 * 1e-5 * 4 ~ 1e-5 in the worst mode (prefix).
+            # Measured after 4 steps: losses <= 2.2e-7 relative; adapters 1.4e-7 (Llama LoRA),
+            # 3.6e-7 (OPT LoRA), 1.4e-6 (prefix), 4.6e-6 (prompt), the same on all three engines.
+            # 5e-5 bounds that and is far below how far the adapters moved (checked below).
             assert got["losses"] == pytest.approx(ref_losses, rel=1e-5), key
             assert set(got["adapters"]) == set(ref_adapters), key
             for n, p in ref_adapters.items():
@@ -196,3 +225,12 @@ def test_peft_on_zero3_and_fsdp2_follows_the_single_process_trajectory(tmp_path:
                                            rtol=0, atol=1e-4, msg=key)
         moved = max((ref_adapters[n] - init[n]).abs().max().item() for n in init)
         assert moved > 20 * ATOL, (kind, mode, moved)
+    # Resumed from the step-2 checkpoint (adapters only; the persistent ZeRO-3 copies synced on
+    # load), each engine repeats its own uninterrupted steps 3-4 bit for bit.
+    kind, mode = RESUMED
+    for engine in ENGINES:
+        for r in range(2):
+            resumed, full = ranks[r][f"resumed/{engine}"], ranks[r][f"{kind}/{mode}/{engine}"]
+            assert resumed["losses"] == full["losses"][RESUME_AT:], (engine, r)
+            for n, p in full["adapters"].items():
+                assert torch.equal(resumed["adapters"][n], p), (engine, r, n)
