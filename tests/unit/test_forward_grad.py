@@ -84,13 +84,20 @@ def test_d_is_the_autograd_directional_derivative(kind: str, q: int) -> None:
         assert rec["grad"][0] == pytest.approx(expected, rel=1e-10, abs=1e-12)
 
 
-def test_tied_embeddings_get_both_uses_in_the_tangent() -> None:
+def last_token_closure(model: torch.nn.Module):
+    """The trainer's shape of loss: logits of the last position only (a non-contiguous slice
+    of the hidden states enters the head, which ForwardGrad makes contiguous for the JVP)."""
+    return lambda: F.cross_entropy(model(input_ids=IDS, logits_to_keep=1).logits[:, -1], IDS[:, 0])
+
+
+@pytest.mark.parametrize("make_closure", [llama_closure, last_token_closure])
+def test_tied_embeddings_get_both_uses_in_the_tangent(make_closure) -> None:
     """The tiny Llama ties lm_head to the embedding: one tensor, two uses; d must see both."""
     model = tiny_llama()
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    grad = autograd_grad(model, llama_closure(model))
+    grad = autograd_grad(model, make_closure(model))
     opt = ForwardGrad(model.named_parameters(), lr=0.0, module=model, seed=2)
-    opt.step(llama_closure(model))
+    opt.step(make_closure(model))
     expected = sum((g * direction(n, g, 2, 0, 0, "gaussian")).sum().item() for n, g in grad.items())
     # fp32, math attention vs the fused SDPA kernel of the reference: ~1e-6 relative.
     assert opt.step_log[0]["grad"][0] == pytest.approx(expected, rel=1e-4)
