@@ -77,6 +77,10 @@ def test_blocks_are_the_transformer_blocks_then_the_rest() -> None:
     assert BlockwiseZO(net().named_parameters()).blocks == ["block.0", "block.1", "block.2", "rest"]
     # Unnamed parameters have no block: one block, the whole model.
     assert BlockwiseZO(net().parameters()).blocks == ["rest"]
+    # Merged consecutive layers.
+    assert BlockwiseZO(net().named_parameters(), layers_per_block=2).blocks == ["block.0-1", "block.2", "rest"]
+    assert BlockwiseZO(net().named_parameters(), layers_per_block=3).blocks == ["block.0-2", "rest"]
+    assert BlockwiseZO(net().named_parameters(), layers_per_block=9).blocks == ["block.0-2", "rest"]
 
 
 # ----------------------------------------------------------------------------- what each forward sees
@@ -160,22 +164,23 @@ def test_no_two_blocks_share_a_noise_pattern(captured) -> None:
 
 
 # ----------------------------------------------------------------------------- reference loop
-def reference_steps(model, x, y, groups, *, steps, one_sided, kind, seed):
+def reference_steps(model, x, y, groups, *, steps, one_sided, kind, seed, blocks=None):
     """Per-block MeZO written from the equations, out of place, with full-size z tensors.
 
-    ``groups``: list of (names, lr, eps, wd). For each block in order: perturb that block's
-    tensors only, two losses, g per group, update that block's tensors at once.
+    ``groups``: list of (names, lr, eps, wd); ``blocks``: list of sets of LeZO units, in order
+    (default: each transformer block, then the rest). For each block in order: perturb that
+    block's tensors only, two losses, g per group, update that block's tensors at once.
     """
     theta = params_of(model)
     group_of = {n: gi for gi, (names, *_rest) in enumerate(groups) for n in names}
-    blocks = ["block.0", "block.1", "block.2", "rest"]
+    blocks = blocks or [{"block.0"}, {"block.1"}, {"block.2"}, {"rest"}]
 
     def L(params):
         return F.cross_entropy(functional_call(model, params, (x,)), y).item()
 
     for t in range(steps):
         for b, block in enumerate(blocks):
-            members = [n for n in theta if unit_of(n) == block]
+            members = [n for n in theta if unit_of(n) in block]
             z = {n: z_of(n, theta[n], seed, t, b, kind) for n in members}
             eps = {n: groups[group_of[n]][2] for n in members}
             plus = {**theta, **{n: theta[n] + eps[n] * z[n] for n in members}}
@@ -194,9 +199,10 @@ def reference_steps(model, x, y, groups, *, steps, one_sided, kind, seed):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("one_sided", [False, True])
-@pytest.mark.parametrize("master", [False, True])
-def test_matches_a_plain_per_block_mezo_loop_with_param_groups(kind: str, one_sided: bool, master: bool) -> None:
+@pytest.mark.parametrize("one_sided,master,layers_per_block", [
+    (False, False, 1), (True, False, 1), (False, True, 1), (True, True, 1), (False, False, 2)])
+def test_matches_a_plain_per_block_mezo_loop_with_param_groups(kind: str, one_sided: bool, master: bool,
+                                                               layers_per_block: int) -> None:
     model = net()
     x, y = data()
     names = [n for n, _ in model.named_parameters()]
@@ -204,17 +210,20 @@ def test_matches_a_plain_per_block_mezo_loop_with_param_groups(kind: str, one_si
     first = [n for n in names if not n.startswith("head")]
     second = [n for n in names if n.startswith("head")]
     spec = [(first, 0.05, 1e-3, 0.1), (second, 0.02, 2e-3, 0.0)]
-    expected = reference_steps(copy.deepcopy(model), x, y, spec, steps=3, one_sided=one_sided, kind=kind, seed=3)
+    blocks = None if layers_per_block == 1 else [{"block.0", "block.1"}, {"block.2"}, {"rest"}]
+    expected = reference_steps(copy.deepcopy(model), x, y, spec, steps=3, one_sided=one_sided, kind=kind, seed=3,
+                               blocks=blocks)
     named = dict(model.named_parameters())
     opt = BlockwiseZO([{"params": [(n, named[n]) for n in first], "lr": 0.05, "eps": 1e-3, "weight_decay": 0.1},
                        {"params": [(n, named[n]) for n in second], "lr": 0.02, "eps": 2e-3}],
-                      one_sided=one_sided, noise=kind, seed=3, master_weights=master)
+                      one_sided=one_sided, noise=kind, seed=3, master_weights=master,
+                      layers_per_block=layers_per_block)
     for _ in range(3):
         opt.step(lambda: F.cross_entropy(model(x), y))
     # float64 throughout: in-place vs out-of-place evaluation differs only by rounding.
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), expected[n], rtol=1e-10, atol=1e-12, msg=n)
-    assert len(opt.step_log) == 3 * 4
+    assert len(opt.step_log) == 3 * len(opt.blocks) == 3 * (4 if layers_per_block == 1 else 3)
     assert opt.step_log[-1]["grad"][0] == pytest.approx(opt.step_log[-1]["grad"][1] * 2.0)
 
 
@@ -237,7 +246,7 @@ def test_a_model_without_blocks_is_mezo_bitwise() -> None:
 # ----------------------------------------------------------------------------- state, replay
 def test_state_dict_round_trip() -> None:
     model = tiny_llama()
-    opt = BlockwiseZO(model.named_parameters(), lr=1e-3, eps=1e-3, seed=9, master_weights=True)
+    opt = BlockwiseZO(model.named_parameters(), lr=1e-3, eps=1e-3, seed=9, master_weights=True, layers_per_block=2)
     for _ in range(2):
         opt.step(llama_closure(model))
     saved = opt.state_dict()
@@ -246,6 +255,7 @@ def test_state_dict_round_trip() -> None:
     fresh = BlockwiseZO(twin.named_parameters(), lr=0.5, eps=0.5)
     fresh.load_state_dict(saved)
     assert fresh.param_groups[0]["lr"] == 1e-3 and fresh.param_groups[0]["master_weights"] and fresh.step_count == 2
+    assert fresh.blocks == opt.blocks == ["block.0-1", "rest"]
     for _ in range(2):
         assert opt.step(llama_closure(model)) == fresh.step(llama_closure(twin))
     for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
@@ -317,6 +327,9 @@ def test_loss_falls_on_a_tiny_llama() -> None:
         (lambda m: BlockwiseZO(m.named_parameters(), lr=-1.0), "learning rate: -1.0"),
         (lambda m: BlockwiseZO([{"params": list(m.parameters()), "q": 2}]), "q: 2"),
         (lambda m: BlockwiseZO(m.named_parameters(), noise="uniform"), "uniform"),
+        (lambda m: BlockwiseZO(m.named_parameters(), layers_per_block=0), "layers_per_block: 0"),
+        (lambda m: BlockwiseZO(m.named_parameters(), layers_per_block=1.5), "layers_per_block: 1.5"),
+        (lambda m: BlockwiseZO(m.named_parameters(), layers_per_block=True), "layers_per_block: True"),
     ],
 )
 def test_bad_configuration_raises_before_touching_parameters(make, match) -> None:
