@@ -21,12 +21,16 @@ _local_world = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_S
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _local_world)))
 
 import argparse  # noqa: E402
+import faulthandler  # noqa: E402
 import json  # noqa: E402
+import signal  # noqa: E402
 
 from zoscale.train.launch import run_from_args  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
+    # `kill -USR1 <pid>` prints every thread's Python stack to stderr: where a hung rank waits.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON run configuration (fields: zoscale/train/config.py)")
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (engine: deepspeed)")

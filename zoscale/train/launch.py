@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import threading
 from typing import Any
 
 import torch
@@ -25,7 +26,7 @@ import torch.distributed as dist
 from zoscale.train.config import OptimConfig, TrainConfig, load_config, validate
 from zoscale.train.engine import EngineBuilder, LocalBuilder
 from zoscale.train.trainer import train
-from zoscale.train.watchdog import Watchdog, is_communication_error
+from zoscale.train.watchdog import EXIT_PEER_LOST, Watchdog, is_communication_error
 
 __all__ = ["run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
 
@@ -146,11 +147,25 @@ def _on_failure(error: BaseException, watchdog: Watchdog | None) -> None:
     if watchdog is None:
         return
     if is_communication_error(error):
-        lost = watchdog.diagnose()
+        first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        # A hard bound on the diagnosis, should the store stop answering too.
+        grace = watchdog.quick + 2 * watchdog.interval
+        bound = threading.Timer(grace + 30.0, _give_up, args=(watchdog.rank, first, grace + 30.0))
+        bound.daemon = True
+        bound.start()
+        lost = watchdog.diagnose(grace)
         if lost is not None:
-            first = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
             watchdog.exit(lost, context=f"this rank's collective failed ({first}); ")
+        bound.cancel()
     watchdog.failed(error)
+
+
+def _give_up(rank: int, first: str, seconds: float) -> None:
+    message = (f"[zoscale rank {rank}] this rank's collective failed ({first}) and no other rank could be named "
+               f"within {seconds:.0f} s (the rendezvous store does not answer); rank {rank} exits with code "
+               f"{EXIT_PEER_LOST}\n")
+    os.write(2, message.encode())
+    os._exit(EXIT_PEER_LOST)
 
 
 def _check_timeouts(args: argparse.Namespace) -> tuple[float, float]:

@@ -136,6 +136,9 @@ class Watchdog:
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
         client = dist.TCPStore(addr, port, is_master=False, timeout=datetime.timedelta(seconds=connect_timeout),
                                wait_for_workers=False)
+        # Once connected, no store call may block for long: a check must finish well within
+        # the timeout even when the store's host has just died.
+        client.set_timeout(datetime.timedelta(seconds=max(2.0, min(timeout / 4, 10.0))))
         # A torchrun restart reuses the store: keep each attempt's keys apart.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         store = dist.PrefixStore(f"{_PREFIX}/{attempt}", client)
