@@ -303,6 +303,15 @@ def test_bad_configuration_raises_before_touching_parameters(make, match) -> Non
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
 
 
+def test_options_are_checked_without_the_model() -> None:
+    """What the DeepSpeed JSON check calls before the model is loaded (no module exists yet)."""
+    ForwardGrad.check_options({"lr": 1e-5, "q": 2, "noise": "rademacher", "master_weights": True})
+    for options, match in (({"lr": -1.0}, "learning rate"), ({"eps": 1e-3}, "eps"), ({"module": None}, "module"),
+                           ({"betas": (0.9, 0.99)}, r"Unknown parameter\(s\) \['betas'\]")):
+        with pytest.raises(ValueError, match=match):
+            ForwardGrad.check_options(options)
+
+
 @pytest.mark.parametrize(
     "closure,match",
     [

@@ -7,6 +7,7 @@ ZO and first order; the estimator is from "Gradients without Backpropagation" (B
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from typing import Any, Callable, Iterable
@@ -177,6 +178,23 @@ class ForwardGrad(ZOOptimizer):
         self._module_names()  # every optimised parameter must be the module's
 
     # ----------------------------------------------------------------- validation
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> None:
+        """Validate constructor options without the model (a config check before loading it).
+
+        Builds the optimizer on a one-weight probe module, so names and values are checked as
+        the constructor checks them; ``module`` and ``shards`` come from the engine, not a config.
+
+        Raises:
+            ValueError: an unknown or invalid option, named.
+        """
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "shards", "module"}
+        unknown = sorted(set(options) - accepted)
+        if unknown:
+            raise ValueError(f"Unknown parameter(s) {unknown} for optimizer 'forward_grad'; accepted: {sorted(accepted)}")
+        probe = torch.nn.Linear(1, 1, bias=False)
+        cls(probe.named_parameters(), module=probe, **options)
+
     @staticmethod
     def _validate_group(group: dict[str, Any]) -> None:
         for key in ("eps", "one_sided"):
