@@ -97,7 +97,7 @@ class ForwardGrad(ZOOptimizer):
     alive only during the JVP; the forward carries a tangent next to every activation (about
     twice an inference forward's activation memory), and stores nothing for a backward.
     MeZO needs neither. Cost: a linear layer's JVP does three matrix products instead of one;
-    measured on a loaded 2-core CPU a step was ~3x a plain forward, MeZO's ~2.2x
+    measured on a loaded 2-core CPU a step was ~3x a plain forward (noisy; MeZO: 2 forwards)
     (benchmarks/bench_forward_grad_blockwise.py).
 
     Choices the paper (and ZO-Bench's code, which asserts ``q == 1``) leave open:
