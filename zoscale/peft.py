@@ -45,12 +45,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["PEFT_TYPES", "RECOMMENDED", "peft_config", "check_peft", "apply_peft", "is_peft_model",
-           "adapter_parameters", "adapter_state_dict", "save_adapter"]
+__all__ = ["PEFT_TYPES", "RECOMMENDED", "peft_config", "check_peft", "apply_peft", "initialise_adapters",
+           "is_peft_model", "adapter_parameters", "adapter_state_dict", "save_adapter"]
 
 #: zoscale name -> (peft config class name, zoscale's defaults for its options).
 #: LoRA: MeZO's r=8, alpha=16 on the attention query and value projections (peft's default
-#: targets for OPT and Llama). Prefix: MeZO's 5 virtual tokens, no reparametrisation. Prompt:
+#: targets for OPT and Llama). Prefix: MeZO's 5 virtual tokens, no reparametrisation, initialised
+#: from real activations (``init_by_real_act``, see :func:`initialise_adapters`). Prompt:
 #: ZO-Bench's 10 virtual tokens initialised from the embeddings of random vocabulary tokens.
 PEFT_TYPES: dict[str, tuple[str, dict[str, Any]]] = {
     "lora": ("LoraConfig", {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}),
@@ -72,8 +73,8 @@ RECOMMENDED: dict[str, tuple[float, float]] = {
 # Options zoscale sets itself, or peft derives from the model.
 _OWNED = ("task_type", "peft_type", "inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
           "peft_version", "num_layers", "token_dim", "num_attention_heads", "num_transformer_submodules")
-# Prompt-learning methods whose virtual tokens are a key/value cache rather than prepended embeddings.
-_CACHE_TYPES = ("PREFIX_TUNING", "CARTRIDGE")
+# zoscale's own options (not peft's): name -> (the types that accept it, default).
+_OWN_OPTIONS: dict[str, tuple[tuple[str, ...], Any]] = {"init_by_real_act": (("prefix",), True)}
 
 
 def _where(key: str) -> str:
@@ -86,7 +87,8 @@ def peft_config(spec: dict[str, Any]) -> Any:
     Args:
         spec: ``{"type": "lora" | "prefix" | "prompt", **options}``; options are the fields of
             ``peft.LoraConfig`` / ``PrefixTuningConfig`` / ``PromptTuningConfig``, with zoscale's
-            defaults (:data:`PEFT_TYPES`) for those not given.
+            defaults (:data:`PEFT_TYPES`) for those not given, plus ``init_by_real_act`` (prefix
+            only, default true; see :func:`initialise_adapters`), which is not passed to peft.
 
     Raises:
         ValueError: naming the key: not a dict, no or an unknown ``type``, an option the peft
@@ -103,7 +105,12 @@ def peft_config(spec: dict[str, Any]) -> Any:
         raise ValueError(f"config key {_where('type')} must be one of {sorted(PEFT_TYPES)}, got {kind!r}")
     class_name, defaults = PEFT_TYPES[kind]
     cls = getattr(peft, class_name)
-    options = {**defaults, **{k: v for k, v in spec.items() if k != "type"}}
+    for key, (types, _) in _OWN_OPTIONS.items():
+        if key in spec and kind not in types:
+            raise ValueError(f"config key {_where(key)} applies to type {' or '.join(types)}, not {kind!r}")
+        if key in spec and not isinstance(spec[key], bool):
+            raise ValueError(f"config key {_where(key)} must be true or false, got {spec[key]!r}")
+    options = {**defaults, **{k: v for k, v in spec.items() if k != "type" and k not in _OWN_OPTIONS}}
     known = {f.name for f in dataclasses.fields(cls)} - set(_OWNED)
     for key in options:
         if key in _OWNED:
@@ -188,6 +195,68 @@ def apply_peft(model: torch.nn.Module, spec: dict[str, Any], seed: int = 0) -> t
     if not any(p.requires_grad for p in wrapped.parameters()):
         raise ValueError(f"config key 'model.peft' ({spec['type']}) created no trainable parameter")
     return wrapped
+
+
+def _own_option(spec: dict[str, Any], key: str) -> Any:
+    types, default = _OWN_OPTIONS[key]
+    return spec.get(key, default) if spec.get("type") in types else None
+
+
+@torch.no_grad()
+def initialise_adapters(model: Any, shards: Any, spec: dict[str, Any] | None, seed: int = 0) -> torch.Tensor | None:
+    """Initialisation that needs the wrapped model's forward: MeZO's prefix from real activations.
+
+    With ``{"type": "prefix", "init_by_real_act": true}`` (the default for prefix tuning), the
+    prefix becomes the keys and values the base model computes for ``num_virtual_tokens``
+    random vocabulary tokens (MeZO's ``--prefix_init_by_real_act``; peft's own init is N(0, 1)).
+    The model then starts out scoring every input as if those tokens preceded it. peft's default
+    N(0, 1) prefix instead perturbs the model: on SmolLM2-135M it raised the prompt loss on 32
+    training sentences from 1.21 to 1.64 (zoscale's measurement).
+
+    Called on the engine's module after wrapping and before the optimizer is built (optimizers
+    may derive state from the initial values): the forward runs on every rank (collective under
+    ZeRO-3 / FSDP2) on the same tokens, drawn from a generator seeded by ``seed``, and each rank
+    writes its own range of the prefix tensor through its shard view. A no-op for other settings.
+
+    Args:
+        model: the peft model, or the engine module wrapping it.
+        shards: the engine's shard provider (``engine.shards``).
+        spec: the ``model.peft`` section (None: nothing to do).
+        seed: seed of the token draw.
+
+    Returns:
+        The ``[1, num_virtual_tokens]`` token ids whose activations became the prefix, or None.
+    """
+    if spec is None or not _own_option(spec, "init_by_real_act"):
+        return None
+    from zoscale.shards import canonical_name
+
+    inner = _peft_model(model)
+    adapter = inner.active_adapter
+    config = inner.peft_config[adapter]
+    embedding = inner.prompt_encoder[adapter].embedding
+    vocab = inner.get_base_model().config.vocab_size
+    tokens = torch.randint(0, vocab, (1, config.num_virtual_tokens), generator=torch.Generator().manual_seed(seed))
+    with inner.disable_adapter():
+        out = inner(input_ids=tokens.to(embedding.weight.device), use_cache=True)
+    cache = out.cache if getattr(out, "cache", None) is not None else out.past_key_values
+    layers = cache.layers
+    if len(layers) != config.num_layers:
+        raise RuntimeError(f"the base model's cache has {len(layers)} layers, the prefix {config.num_layers}")
+    # peft reads a prefix row as [num_layers, 2 (key, value), kv_heads, head_dim] (PeftModel.get_prompt).
+    kv = torch.stack([torch.stack((layer.keys[0], layer.values[0])) for layer in layers])  # [L, 2, H, n, D]
+    full = kv.permute(3, 0, 1, 2, 4).reshape(config.num_virtual_tokens, -1)
+    if full.shape[1] != config.num_layers * 2 * config.token_dim:
+        raise RuntimeError(f"real activations of width {full.shape[1]} do not fit the prefix "
+                           f"({config.num_layers} layers x 2 x {config.token_dim})")
+    flat = full.reshape(-1)
+    target = canonical_name(f"prompt_encoder.{adapter}.embedding.weight")
+    (param,) = [p for n, p in adapter_parameters(model) if canonical_name(n) == target]
+    view = shards.view(param)
+    view.local.copy_(flat[view.offset:view.offset + view.local.numel()].to(view.local.dtype))
+    if view.after_write is not None:
+        view.after_write()
+    return tokens
 
 
 def adapter_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

@@ -24,7 +24,8 @@ from zoscale.data.tasks import SST2Task, label_logits, loss_fn
 from zoscale.models import tiny_llama, tiny_opt, tiny_tokenizer
 from zoscale.optim.lezo import LeZO
 from zoscale.optim.mezo import MeZO
-from zoscale.peft import RECOMMENDED, adapter_parameters, apply_peft, check_peft, save_adapter
+from zoscale.peft import RECOMMENDED, adapter_parameters, apply_peft, check_peft, initialise_adapters, save_adapter
+from zoscale.shards import LocalShards, ShardView
 
 MODELS: dict[str, Callable[..., torch.nn.Module]] = {"llama": tiny_llama, "opt": tiny_opt}
 # MeZO settings that make the tiny models' loss fall within 30 steps (the tiny models' scales are
@@ -72,6 +73,7 @@ def test_only_adapters_train_the_loss_falls_and_the_folder_round_trips(kind: str
     from peft import PeftModel
 
     model = apply_peft(MODELS[kind](), {"type": mode}, seed=3)
+    initialise_adapters(model, LocalShards(), {"type": mode}, seed=3)  # the trainer's path (prefix: real act.)
     named = adapter_parameters(model)
     base_count = sum(1 for _ in MODELS[kind]().parameters())
     assert named and all("lora_" in n or n.startswith("prompt_encoder.") for n, _ in named)
@@ -171,6 +173,45 @@ def test_lora_starts_as_the_base_model_and_prefix_prompt_change_it(kind: str) ->
             assert (label_logits(apply_peft(MODELS[kind](), {"type": mode}, seed=3), batch, IDS) - base).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_prefix_from_real_activations_scores_like_the_base_model_after_those_tokens(kind: str) -> None:
+    # MeZO's init: the prefix is the base model's keys/values of random tokens T, so the prefix
+    # model on x must equal the base model on [T, x] (an independent reference for peft's
+    # cache-based prefix forward on transformers 5: mask, positions, key/value layout).
+    model = apply_peft(MODELS[kind](), {"type": "prefix"}, seed=3)
+    tokens = initialise_adapters(model, LocalShards(), {"type": "prefix"}, seed=11)
+    assert tokens is not None and tokens.shape == (1, 5)
+    base = MODELS[kind]()
+    batch = _batch(_rows())
+    with torch.no_grad():
+        got = label_logits(model, batch, IDS)
+        expected = []
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"]):
+            row = torch.cat([tokens[0], ids[mask.bool()]])[None]
+            expected.append(label_logits(base, {"input_ids": row, "attention_mask": torch.ones_like(row)}, IDS))
+    # The same attention computed in another layout (measured <= 4e-7).
+    torch.testing.assert_close(got, torch.cat(expected), rtol=0, atol=1e-5)
+    # Sharded: two ranks' views of the same tensor written separately give the same prefix.
+    (name, param), = adapter_parameters(model)
+    whole = param.detach().clone()
+    with torch.no_grad():
+        param.zero_()
+    for rank in range(2):
+        class Half:  # rank r's rows of the tensor, as a sharded provider hands them out
+            loss_group = None
+
+            def view(self, p: torch.Tensor, rank: int = rank) -> ShardView:
+                rows = -(-p.shape[0] // 2)
+                local = p.data[rank * rows:(rank + 1) * rows].view(-1)
+                return ShardView(local=local, offset=rank * rows * p.shape[1], numel=p.numel(),
+                                 global_shape=p.shape, replicated=False)
+
+        initialise_adapters(model, Half(), {"type": "prefix"}, seed=11)
+    assert torch.equal(param.detach(), whole)
+    assert initialise_adapters(model, LocalShards(), {"type": "prefix", "init_by_real_act": False}) is None
+    assert initialise_adapters(model, LocalShards(), {"type": "lora"}) is None
+
+
 def test_adapter_init_is_seeded_and_leaves_the_global_rng_alone() -> None:
     for mode in ("lora", "prompt"):
         state = torch.get_rng_state()
@@ -206,6 +247,8 @@ def test_forwards_are_deterministic_in_eval_mode() -> None:
         ({"type": "prompt", "token_dim": 8}, "model.peft.token_dim"),
         ({"type": "prompt", "prompt_tuning_init": "TEXT"}, "tokenizer_name_or_path"),
         ("lora", "model.peft"),
+        ({"type": "lora", "init_by_real_act": True}, "model.peft.init_by_real_act"),
+        ({"type": "prefix", "init_by_real_act": "yes"}, "model.peft.init_by_real_act"),
     ],
 )
 def test_bad_peft_sections_are_named(spec: Any, match: str) -> None:

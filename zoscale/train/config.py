@@ -34,8 +34,10 @@ class ModelConfig:
     * ``{"type": "lora", "r": 8, "lora_alpha": 16, "target_modules": null}``: ``peft.LoraConfig``;
       ``target_modules`` null picks peft's default per architecture (``q_proj``/``v_proj`` for
       OPT and Llama, as MeZO). MeZO: ``eps`` 1e-2, ``lr`` 1e-4 or 5e-5.
-    * ``{"type": "prefix", "num_virtual_tokens": 5}``: ``peft.PrefixTuningConfig`` (a learned
-      key/value prefix in every layer, no reparametrisation). MeZO: ``eps`` 1e-1, ``lr`` 1e-2 or 1e-3.
+    * ``{"type": "prefix", "num_virtual_tokens": 5, "init_by_real_act": true}``:
+      ``peft.PrefixTuningConfig`` (a learned key/value prefix in every layer, no
+      reparametrisation), initialised as MeZO does from the base model's keys/values of random
+      tokens (false: peft's N(0, 1) init). MeZO: ``eps`` 1e-1, ``lr`` 1e-2 or 1e-3.
     * ``{"type": "prompt", "num_virtual_tokens": 10, "prompt_tuning_init": "SAMPLE_VOCAB"}``:
       ``peft.PromptTuningConfig`` (learned input embeddings prepended to the prompt, initialised
       from random vocabulary embeddings). Not in MeZO; zoscale suggests ``eps`` 1e-2, ``lr`` 1e-3

@@ -21,7 +21,7 @@ from zoscale.data import SST2Task, load_labelled_file, load_rotten_tomatoes, los
 from zoscale.data.tasks import label_logits
 from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
-from zoscale.peft import adapter_parameters, apply_peft, save_adapter
+from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters, save_adapter
 from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.engine import Engine, EngineBuilder, LocalBuilder
@@ -135,6 +135,7 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
     else:
         trainable_parameters(model, cfg.model.trainable)  # freeze before wrapping
     engine: Engine = builder.build(model)
+    initialise_adapters(engine.module, engine.shards, cfg.model.peft, cfg.seed)  # prefix from real activations
     # After wrapping: FSDP2 replaces every Parameter object (DeepSpeed partitions them in place).
     params = (adapter_parameters(engine.module) if cfg.model.peft is not None
               else trainable_parameters(engine.module, cfg.model.trainable))
