@@ -210,8 +210,8 @@ def initialise_adapters(model: Any, shards: Any, spec: dict[str, Any] | None, se
     prefix becomes the keys and values the base model computes for ``num_virtual_tokens``
     random vocabulary tokens (MeZO's ``--prefix_init_by_real_act``; peft's own init is N(0, 1)).
     The model then starts out scoring every input as if those tokens preceded it. peft's default
-    N(0, 1) prefix instead perturbs the model: on SmolLM2-135M it raised the prompt loss on 32
-    training sentences from 1.21 to 1.64 (zoscale's measurement).
+    N(0, 1) prefix instead perturbs the model: on SmolLM2-135M, the prompt loss on 32 training
+    sentences was 1.21 without a prefix, 1.14 with this init, 1.64 with peft's (measured here).
 
     Called on the engine's module after wrapping and before the optimizer is built (optimizers
     may derive state from the initial values): the forward runs on every rank (collective under
