@@ -58,6 +58,11 @@ RECORDS: tuple[OptimRecord, ...] = (
                 errors=(({"rank": 0}, "rank"), ({"nu": 0}, "nu"))),
     OptimRecord("lozo_m", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11, rank=2, nu=2, beta=0.9),
                 errors=(({"beta": 1.0}, "beta"),)),
+    OptimRecord("blockwise", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11),
+                errors=(({"layers_per_block": 0}, "layers_per_block"),)),
+    # Forward-mode AD needs whole parameters: the engines' hooks gather shards into plain tensors.
+    OptimRecord("forward_grad", dict(lr=2e-3, weight_decay=0.01, seed=11), engines=("local",),
+                errors=(({"one_sided": True}, "one_sided"),)),
     # Backprop needs gradients DeepSpeed's ZeRO-3 only reduces inside its own optimizer.
     OptimRecord("hybrid", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11,
                                fo_params=["layers.1.", "model.norm"], fo_lr=2e-3),

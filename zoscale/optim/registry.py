@@ -8,6 +8,8 @@ from typing import Any
 import torch
 
 from zoscale.optim.base import ZOOptimizer
+from zoscale.optim.blockwise import BlockwiseZO
+from zoscale.optim.forward_grad import ForwardGrad
 from zoscale.optim.hybrid import HybridZOFO
 from zoscale.optim.lezo import LeZO
 from zoscale.optim.lozo import LOZO, LOZOM
@@ -21,6 +23,8 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
     "hybrid": HybridZOFO,
     "lozo": LOZO,
     "lozo_m": LOZOM,
+    "blockwise": BlockwiseZO,
+    "forward_grad": ForwardGrad,
 }
 
 

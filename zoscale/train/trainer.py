@@ -140,7 +140,7 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
     params = (adapter_parameters(engine.module) if cfg.model.peft is not None
               else trainable_parameters(engine.module, cfg.model.trainable))
     optimizer = build_optimizer(cfg.optimizer.type, params, {"seed": cfg.seed, **cfg.optimizer.params},
-                                shards=engine.shards)
+                                shards=engine.shards, module=engine.module)
     rank, world = engine.rank, engine.world_size
     lead = rank == 0
     ckpt_root = out / "checkpoints"
