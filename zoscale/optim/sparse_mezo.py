@@ -18,8 +18,9 @@ from zoscale.shards import ShardProvider
 
 __all__ = ["SparseMeZO", "RadixSelect", "tuned_count"]
 
-# Elements per chunk of the threshold's histogram passes (bounds their transient memory).
-_SELECT_CHUNK = 1 << 20
+# Elements per chunk of the threshold's histogram passes: bounds their transient memory (about
+# 14 bytes per element of a chunk: |x| as fp32, the prefix test, the selected bits, the digits).
+_SELECT_CHUNK = 1 << 18
 
 
 def tuned_count(numel: int, sparsity: float) -> int:
@@ -101,7 +102,7 @@ class RadixSelect:
                 b = self.bits(x[a:a + _SELECT_CHUNK], width)
                 if r > 0:
                     b = b[(b >> (shift + 8)) == self.prefix[t]]
-                out[t, :256] += torch.bincount(((b >> shift) & 255).long(), minlength=256)
+                out[t, :256] += torch.bincount((b >> shift) & 255, minlength=256)
         return out
 
     def advance(self, counts: torch.Tensor, r: int) -> None:
@@ -277,22 +278,40 @@ class SparseMeZO(MeZO):
     def _perturb(self, entries: list[ShardEntry], keys: list[int], scale: list[float], *, delta: list[float]) -> None:
         kind = self.param_groups[0]["noise"]
         masters = self.param_groups[0]["master_weights"]
+        first = not masters and not self._words
+        if first:  # the query's first pass: the shards still hold theta; pack its mask
+            assert self._words is not None, "a perturbation outside a query"
+            assert scale == delta, (scale, delta)
+            self._words = self._allocate_words(entries)
         for e, key in zip(entries, keys):
             v, gi, h = e.view, e.group_index, e.state["threshold"]
             if masters:
                 noise.masked_perturb_from_master_(v.local, e.state["master"], v.offset, key, delta[gi], h, kind)
+            elif first:
+                noise.masked_axpbz_pack_(v.local, self._words[id(e.param)], v.offset, key, 1.0, scale[gi], h, kind)
             else:
-                assert self._words is not None, "a perturbation outside a query"
-                words = self._words.get(id(e.param))
-                if words is None:  # the query's first pass: the shard still holds theta
-                    assert scale[gi] == delta[gi], (scale, delta)
-                    words = torch.empty(noise.mask_words(v.offset, v.local.numel()), dtype=torch.int64,
-                                        device=v.local.device)
-                    noise.masked_axpbz_pack_(v.local, words, v.offset, key, 1.0, scale[gi], h, kind)
-                    self._words[id(e.param)] = words
-                else:
-                    noise.masked_axpbz_(v.local, words, v.offset, key, 1.0, scale[gi], kind)
+                noise.masked_axpbz_(v.local, self._words[id(e.param)], v.offset, key, 1.0, scale[gi], kind)
             _written(v)
+
+    @staticmethod
+    def _allocate_words(entries: list[ShardEntry]) -> dict[int, torch.Tensor]:
+        """The packed masks of a query: slices of one int64 buffer per device (1 bit per element).
+
+        One allocation (instead of one per tensor, interleaved with the forward's activations)
+        leaves no holes in the host heap when it is freed.
+        """
+        sizes: dict[torch.device, int] = {}
+        for e in entries:
+            dev = e.view.local.device
+            sizes[dev] = sizes.get(dev, 0) + noise.mask_words(e.view.offset, e.view.local.numel())
+        buffers = {dev: torch.empty(n, dtype=torch.int64, device=dev) for dev, n in sizes.items()}
+        used = dict.fromkeys(sizes, 0)
+        out = {}
+        for e in entries:
+            dev, n = e.view.local.device, noise.mask_words(e.view.offset, e.view.local.numel())
+            out[id(e.param)] = buffers[dev][used[dev]:used[dev] + n]
+            used[dev] += n
+        return out
 
     def _update(self, entries: list[ShardEntry], keys: list[int], decay: list[float],
                 z_coef: list[float], current_offset: list[float]) -> None:
