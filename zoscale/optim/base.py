@@ -277,11 +277,17 @@ class ZOOptimizer(torch.optim.Optimizer):
         return loss
 
     # ----------------------------------------------------------------- the SPSA query
-    def _spsa_query(self, closure: Closure, entries: list[ShardEntry], step: int, query: int,
-                    lr_scale: float) -> tuple[list[float], tuple[float, float]]:
-        """One SPSA query with its fused restore + ZO-SGD update; returns (g per group, losses).
+    def _spsa_estimate(self, closure: Closure, entries: list[ShardEntry], step: int,
+                       query: int) -> tuple[list[int], list[float], tuple[float, float], list[float]]:
+        """The estimate half of an SPSA query: perturb, two forwards, one all-reduce, g.
 
-        ``lr_scale`` multiplies each group's lr (``1/q`` for n-SPSA).
+        Leaves the compute copy at ``theta + offset z`` (``-eps`` two-sided, ``+eps`` one-sided)
+        for the caller's update pass to restore from. On a non-finite loss the parameters are
+        restored and :class:`NonFiniteLossError` is raised.
+
+        Returns:
+            ``(keys, g per group, (loss_plus, loss_minus), offset per group)``; one-sided, the
+            second loss is ``L(theta)``.
         """
         groups = self.param_groups
         eps = [g["eps"] for g in groups]
@@ -308,9 +314,24 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._restore(entries, keys, offset)
             self._zo["nonfinite"] += 1
             raise NonFiniteLossError(step, query, (lp, lm))
+        return keys, diff, (lp, lm), offset
+
+    def _direction_scale(self, grads: list[float]) -> list[float]:
+        """What multiplies ``-lr z`` in the ZO-SGD update, per group: ``g`` (sign-SGD: ``sign(g)``)."""
+        return grads
+
+    def _spsa_query(self, closure: Closure, entries: list[ShardEntry], step: int, query: int,
+                    lr_scale: float) -> tuple[list[float], tuple[float, float]]:
+        """One SPSA query with its fused restore + ZO-SGD update; returns (g per group, losses).
+
+        ``lr_scale`` multiplies each group's lr (``1/q`` for n-SPSA).
+        """
+        groups = self.param_groups
+        keys, diff, (lp, lm), offset = self._spsa_estimate(closure, entries, step, query)
         lrs = [g["lr"] * lr_scale for g in groups]
         decay = [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)]
-        self._timed("update", self._update, entries, keys, decay, [-lr * gk for lr, gk in zip(lrs, diff)], offset)
+        coef = [-lr * gk for lr, gk in zip(lrs, self._direction_scale(diff))]
+        self._timed("update", self._update, entries, keys, decay, coef, offset)
         return diff, (lp, lm)
 
     def _log(self, step: int, query: int, grads: list[float], lr_scale: float, losses: tuple[float, float]) -> None:
@@ -348,7 +369,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                                  f"this optimizer has {len(groups)}")
             keys = [noise.noise_key(rec["seed"], rec["step"], rec["query"], e.stable_id) for e in entries]
             decay = [1.0 - lr * g["weight_decay"] for lr, g in zip(rec["lr"], groups)]
-            coef = [-lr * gk for lr, gk in zip(rec["lr"], rec["grad"])]
+            coef = [-lr * gk for lr, gk in zip(rec["lr"], self._direction_scale(rec["grad"]))]
             self._update(entries, keys, decay, coef, [0.0] * len(groups))
 
     # ----------------------------------------------------------------- state
