@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -272,7 +273,13 @@ def worker_main(args: argparse.Namespace) -> None:
         with open(args.out, "a") as f:
             for r in records:
                 f.write(json.dumps({"layout": args.layout, **r}) + "\n")
-    dist.destroy_process_group()
+    dist.barrier()
+    # Leave without tearing the engines down: FSDP2/DeepSpeed objects destroyed at interpreter
+    # exit occasionally abort the process ("terminate called without an active exception"),
+    # and torchrun would then fail the layout although every record is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -302,11 +309,21 @@ def run_layout(layout: str, args: argparse.Namespace, out: Path) -> float:
                  "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
                  __file__, "--worker", "--layout", layout, "--out", str(out), *worker_args] for n in range(nodes)]
         logs = [out.parent / f"{layout}-node{n}.log" for n in range(nodes)]  # files: a full pipe would block
-        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w")) for c, log in
-                 zip(cmds, logs)]
-        for p, log in zip(procs, logs):
-            if p.wait() != 0:
-                raise RuntimeError(f"layout {layout} failed:\n{log.read_text()[-3000:]}")
+        procs = [subprocess.Popen(c, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"), start_new_session=True)
+                 for c, log in zip(cmds, logs)]
+        try:
+            for p, log in zip(procs, logs):
+                if p.wait(timeout=max(1.0, t0 + args.timeout - time.perf_counter())) != 0:
+                    raise RuntimeError(f"layout {layout} failed:\n{log.read_text()[-3000:]}")
+        finally:
+            for p in procs:  # on failure or timeout: SIGTERM lets torchrun stop its ranks first
+                if p.poll() is None:
+                    os.killpg(p.pid, signal.SIGTERM)
+                    try:
+                        p.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(p.pid, signal.SIGKILL)
+                        p.wait()
     else:
         import torch.multiprocessing as mp
 
@@ -326,6 +343,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps (after one warm-up step)")
     ap.add_argument("--micro", type=int, default=4, help="sequences per rank")
     ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds per layout before its ranks are killed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--layout", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)

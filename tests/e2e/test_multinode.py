@@ -150,7 +150,8 @@ def test_across_two_nodes_hsdp_and_replicas_send_only_the_loss_pair(tmp_path: Pa
     loss pair only.
     """
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_scaling.py"), "--shape", "tiny",
-                           "--layouts", "2x2", "--engines", "zero3", "hsdp", "replicas", "--steps", "2"],
+                           "--layouts", "2x2", "--engines", "zero3", "hsdp", "replicas", "--steps", "2",
+                           "--timeout", "400"],
                           capture_output=True, text=True, timeout=600, env=env(), cwd=ROOT)
     assert done.returncode == 0, done.stderr[-4000:]
     records = {r["engine"]: r for r in json.loads(done.stdout)["records"]}
