@@ -109,7 +109,8 @@ def _job(cluster: LocalSlurmCluster, work: Path, script: str, *args: str,
 
 
 def _log(work: Path, name: str, job: int) -> str:
-    return (work / "runs" / "slurm" / f"{name}-{job}.out").read_text()
+    path = work / "runs" / "slurm" / f"{name}-{job}.out"
+    return path.read_text() if path.exists() else f"<no {path}>"
 
 
 def _assert_trajectory(got: dict[int, float], want: dict[int, float]) -> None:
