@@ -11,7 +11,8 @@ What is measured, for each optimizer (``mezo``: ``zoscale.optim.mezo.MeZO``; ``s
   cross-entropy (``labels=input_ids``), closure under ``torch.no_grad()``;
 * ``lr=1e-6, eps=1e-3``, ``--noise`` (default gaussian), seed 0.
 
-Per process, in this order:
+Per process, in this order (glibc's mmap threshold fixed at 128 KiB first, see
+:func:`static_mmap_threshold`):
 
 1. The noise kernels are compiled first by two steps of the same optimizer on a tiny Llama
    (``zoscale.models.tiny_llama``) and on a one-layer model of the measured shape, so that
@@ -33,7 +34,7 @@ Per process, in this order:
    tensors + alloc peak: the allocator-exact analogue of ``footprint_mib``.
 
 Also recorded: ``state_mib`` (tensors in ``optimizer.state``: fp32 masters), ``mask_mib`` (the
-packed masks a Sparse MeZO query holds without master weights: ``mask_words`` x 8 bytes per
+packed masks a Sparse MeZO query holds without master weights: ``mask_words`` x 4 bytes per
 tensor, 1/32 of the fp32 weights) and ``other_cpu_share`` (the share of the machine's CPU that
 other processes used during the timed steps: on a shared machine step times are noise above
 ~0.05).
@@ -42,7 +43,9 @@ Step times are compared in one more process per ``master_weights`` setting (``ti
 copies of the model, one per optimizer, first step of each untimed, then ``--repeats`` rounds
 that alternate one MeZO step and one Sparse MeZO step, so both see the same machine load.
 ``step_s`` / ``phases_s`` are medians (``perturb`` holds both perturbation passes, ``update``
-the fused restore + update), ``min_step_s`` the fastest sample.
+the fused restore + update), ``min_step_s`` the fastest sample. ``passes`` then times single
+noise passes over all parameters, masked against unmasked, interleaved (see ``_pass_times``):
+on a busy machine the minima are the figures to read.
 
 The summary gives, per ``master_weights``, ``sparse_over_mezo`` ratios by footprint, peak RSS,
 tensor footprint, alloc peak, and step time and phases from the interleaved timing, and
@@ -59,6 +62,7 @@ Run from the repository root (JSON on stdout, progress on stderr)::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -168,7 +172,7 @@ def _measure(name: str, master: bool, args: argparse.Namespace) -> dict[str, Any
     alloc = alloc_peak_mib(lambda: opt.step(closure)) if args.alloc else None
     state = sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
                 if isinstance(v, torch.Tensor)) / MIB
-    mask = (sum(noise.mask_words(0, p.numel()) for p in params) * 8 / MIB
+    mask = (sum(noise.mask_words(0, p.numel()) for p in params) * 4 / MIB
             if name == "sparse_mezo" and not master else 0.0)
     return dict(
         optimizer=name, master_weights=master, n_params=sum(p.numel() for p in params),
@@ -216,11 +220,77 @@ def _timing(master: bool, args: argparse.Namespace) -> dict[str, Any]:
     return {"master_weights": master, "other_cpu_share": other,
             **{name: {"step_s": _median(times[name]), "min_step_s": round(min(times[name]), 4),
                       "steps_s": [round(t, 4) for t in times[name]],
-                      "phases_s": {k: _median(v) for k, v in phases[name].items()}} for name in OPTIMIZERS}}
+                      "phases_s": {k: _median(v) for k, v in phases[name].items()}} for name in OPTIMIZERS},
+            "passes": _pass_times(runs["sparse_mezo"][1], master, args)}
+
+
+def _pass_times(opt: Any, master: bool, args: argparse.Namespace) -> dict[str, Any]:
+    """One noise pass over every parameter, unmasked (MeZO) and masked (Sparse MeZO), interleaved.
+
+    ``+eps`` then ``-eps`` (the weights end where they were, up to rounding). Without master
+    weights: ``axpbz_`` vs ``masked_axpbz_pack_`` (a query's first pass: selects and packs the
+    mask) and ``masked_axpbz_`` (its later passes); with: ``perturb_from_master_`` vs
+    ``masked_perturb_from_master_``. Min and median over ``2 * --repeats`` samples.
+    """
+    from zoscale import noise
+
+    entries = opt._entries()
+    words = opt._allocate_words(entries)
+    kind = args.noise
+    if master:
+        def unmasked(b: float) -> None:
+            for e in entries:
+                noise.perturb_from_master_(e.view.local, e.state["master"], e.view.offset, 7, b, kind)
+
+        def masked(b: float) -> None:
+            for e in entries:
+                noise.masked_perturb_from_master_(e.view.local, e.state["master"], e.view.offset, 7, b,
+                                                  e.state["threshold"], kind)
+        passes = {"unmasked": unmasked, "masked": masked}
+    else:
+        def axpbz(b: float) -> None:
+            for e in entries:
+                noise.axpbz_(e.view.local, e.view.offset, 7, 1.0, b, kind)
+
+        def pack(b: float) -> None:
+            for e in entries:
+                noise.masked_axpbz_pack_(e.view.local, words[id(e.param)], e.view.offset, 7, 1.0, b,
+                                         e.state["threshold"], kind)
+
+        def masked(b: float) -> None:
+            for e in entries:
+                noise.masked_axpbz_(e.view.local, words[id(e.param)], e.view.offset, 7, 1.0, b, kind)
+        passes = {"unmasked": axpbz, "masked_pack": pack, "masked": masked}
+    samples: dict[str, list[float]] = {k: [] for k in passes}
+    for i in range(2 * args.repeats + 1):
+        for k, fn in passes.items():
+            t0 = time.perf_counter()
+            fn(1e-3 if i % 2 else -1e-3)
+            if i:  # the first round warms up
+                samples[k].append(time.perf_counter() - t0)
+    out: dict[str, Any] = {k: {"min_s": round(min(v), 5), "median_s": _median(v)} for k, v in samples.items()}
+    out["ratios_to_unmasked_by_min"] = {k: _ratio(out[k]["min_s"], out["unmasked"]["min_s"])
+                                        for k in passes if k != "unmasked"}
+    return out
+
+
+def static_mmap_threshold() -> bool:
+    """Fix glibc's mmap threshold at its default 128 KiB (``mallopt(M_MMAP_THRESHOLD)``).
+
+    glibc raises the threshold each time a large mmapped block is freed (up to 32 MiB), after
+    which tensors of that size come from the heap and their holes keep RSS high: run-to-run RSS
+    noise of a few MiB on this model, as large as the effect measured. With a static threshold
+    every tensor above 128 KiB is mapped and unmapped, the same in both modes.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024))  # M_MMAP_THRESHOLD = -3
+    except (OSError, AttributeError):
+        return False
 
 
 def _worker(index: int, what: str, name: str, master: bool, args: argparse.Namespace, out: str) -> None:
     del index  # spawn passes the process index
+    static_mmap_threshold()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     rec = _timing(master, args) if what == "timing" else _measure(name, master, args)
@@ -278,7 +348,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="master_weights setting(s) to measure (default: without)")
     ap.add_argument("--sparsity", type=float, default=0.8)
     ap.add_argument("--steps", type=int, default=2, help="steps of the memory phase per mode (default 2)")
-    ap.add_argument("--repeats", type=int, default=4, help="interleaved timing rounds (default 4)")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds (default 3)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--noise", choices=("gaussian", "rademacher"), default="gaussian")

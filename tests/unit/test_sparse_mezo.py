@@ -154,16 +154,18 @@ def test_radix_select_rejects_uneven_replication() -> None:
 
 # ----------------------------------------------------------------------------- the masked kernels
 def _pack_reference(m: torch.Tensor, start: int) -> torch.Tensor:
-    """Bit (i mod 64) of word (i div 64 - start div 64) is element i, in Python integers."""
+    """The documented layout in Python integers: element i is bit (i div 64) mod 32 of word
+    (i div 4096 - start div 4096) * 128 + ((i div 2048) mod 2) * 64 + i mod 64."""
     words = [0] * noise.mask_words(start, m.numel())
     for j, bit in enumerate(m.tolist()):
         if bit:
             i = start + j
-            words[(i >> 6) - (start >> 6)] |= 1 << (i & 63)
-    return torch.tensor([w - (1 << 64) if w >= 1 << 63 else w for w in words], dtype=torch.int64)
+            words[((i >> 12) - (start >> 12)) * 128 + ((i >> 11) & 1) * 64 + (i & 63)] |= 1 << ((i >> 6) & 31)
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
 
 
-LAYOUTS = [(0, 64), (5, 1000), (60, 13), (64, 200), (63, 1), (1, 130), (3, 0)]
+# (start, n): whole blocks, a partial head and/or tail, inside one block, crossing one, empty.
+LAYOUTS = [(0, 4096), (5, 10000), (4000, 300), (4096, 8192), (100, 50), (8191, 1), (0, 64), (3, 0)]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -180,12 +182,12 @@ def test_masked_kernels_equal_their_definitions(kind: str, backend: str, dtype: 
         x0 = torch.randn(n, generator=g).to(dtype)
         h = x0.float().abs().median().item() if n else 0.0
         m = x0.float().abs() <= h
-        assert noise.mask_words(start, n) * 8 <= n / 8 + 16  # 1 bit per element (+ 2 edge words)
+        assert noise.mask_words(start, n) <= n / 32 + 256  # 1 bit per element (+ 2 edge blocks)
         full = x0.clone()
         noise.axpbz_(full, start, key, 0.9, 0.3, kind)
         expected = torch.where(m, full, x0)  # the unmasked kernel where m, untouched elsewhere
 
-        words = torch.full((noise.mask_words(start, n),), 12345, dtype=torch.int64)
+        words = torch.full((noise.mask_words(start, n),), 12345, dtype=torch.int32)
         x = x0.clone()
         noise.masked_axpbz_pack_(x, words, start, key, 0.9, 0.3, h, kind)
         assert torch.equal(x, expected), (start, n)
@@ -212,10 +214,10 @@ def test_masked_kernels_equal_their_definitions(kind: str, backend: str, dtype: 
 
 def test_masked_kernels_reject_a_wrong_mask() -> None:
     x = torch.zeros(100)
-    with pytest.raises(ValueError, match="2 words"):
-        noise.masked_axpbz_(x, torch.zeros(3, dtype=torch.int64), 0, 1, 1.0, 1.0)
-    with pytest.raises(ValueError, match="int64"):
-        noise.masked_axpbz_(x, torch.zeros(2, dtype=torch.int32), 0, 1, 1.0, 1.0)
+    with pytest.raises(ValueError, match="128 words"):
+        noise.masked_axpbz_(x, torch.zeros(3, dtype=torch.int32), 0, 1, 1.0, 1.0)
+    with pytest.raises(ValueError, match="int32"):
+        noise.masked_axpbz_(x, torch.zeros(128, dtype=torch.int64), 0, 1, 1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------- thresholds in the optimizer
@@ -331,7 +333,7 @@ def test_both_forwards_see_the_same_mask_from_the_unperturbed_point(master: bool
     def closure():
         seen.append(params_of(model))
         if len(seen) == 2:  # words of the query in progress: 1 bit per element, never more
-            assert master or all(w.dtype == torch.int64 and w.numel() == noise.mask_words(0, p.numel())
+            assert master or all(w.dtype == torch.int32 and w.numel() == noise.mask_words(0, p.numel())
                                  for w, p in zip(opt._words.values(), model.parameters()))
         return F.cross_entropy(model(x), y)
 

@@ -167,9 +167,10 @@ class SparseMeZO(MeZO):
           master, which only the final update pass moves;
         * without: the compute copy is edited in place, so after the first pass ``|x| > h`` can
           be a frozen ``theta = x`` or a tuned ``theta = x - eps z`` that crossed the threshold.
-          The first pass therefore packs ``m`` into 1 bit per element (int64 words, n/8 bytes:
-          1/32 of an fp32 shard, 1/16 of a bf16 one), later passes read it, and it is freed when
-          the query's update is done. Never a full-size bool/float mask. A cheaper exact scheme
+          The first pass therefore packs ``m`` into 1 bit per element (int32 words, n/8 bytes:
+          1/32 of an fp32 shard, 1/16 of a bf16 one, plus at most 1 KiB per tensor for its edge
+          blocks; one buffer for all tensors), later passes read it, and it is freed when the
+          query's update is done. Never a full-size bool/float mask. A cheaper exact scheme
           would store only the elements whose decode is ambiguous (within ``eps |z|`` of ``h``),
           but that set has a data-dependent size.
     The mask kernels are fused with the noise (``zoscale.noise.masked_*``), compiled like the
@@ -218,7 +219,7 @@ class SparseMeZO(MeZO):
         self.defaults["sparsity"] = float(sparsity)
         for group in self.param_groups:  # a global setting: kept in every group, like q and seed
             group["sparsity"] = float(sparsity)
-        # Packed masks of the query in progress (no master weights): id(param) -> int64 words.
+        # Packed masks of the query in progress (no master weights): id(param) -> int32 words.
         self._words: dict[int, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- thresholds
@@ -295,7 +296,7 @@ class SparseMeZO(MeZO):
 
     @staticmethod
     def _allocate_words(entries: list[ShardEntry]) -> dict[int, torch.Tensor]:
-        """The packed masks of a query: slices of one int64 buffer per device (1 bit per element).
+        """The packed masks of a query: slices of one int32 buffer per device (1 bit per element).
 
         One allocation (instead of one per tensor, interleaved with the forward's activations)
         leaves no holes in the host heap when it is freed.
@@ -304,7 +305,7 @@ class SparseMeZO(MeZO):
         for e in entries:
             dev = e.view.local.device
             sizes[dev] = sizes.get(dev, 0) + noise.mask_words(e.view.offset, e.view.local.numel())
-        buffers = {dev: torch.empty(n, dtype=torch.int64, device=dev) for dev, n in sizes.items()}
+        buffers = {dev: torch.empty(n, dtype=torch.int32, device=dev) for dev, n in sizes.items()}
         used = dict.fromkeys(sizes, 0)
         out = {}
         for e in entries:
@@ -327,7 +328,7 @@ class SparseMeZO(MeZO):
                 words = self._words.pop(id(e.param), None) if self._words is not None else None
                 if words is None:  # outside a query (replay): the shard holds theta, the mask is |x| <= h
                     assert current_offset[gi] == 0.0, current_offset
-                    words = torch.empty(noise.mask_words(v.offset, v.local.numel()), dtype=torch.int64,
+                    words = torch.empty(noise.mask_words(v.offset, v.local.numel()), dtype=torch.int32,
                                         device=v.local.device)
                     noise.masked_axpbz_pack_(v.local, words, v.offset, key, decay[gi], b, h, kind)
                 else:
