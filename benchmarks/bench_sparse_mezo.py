@@ -54,7 +54,7 @@ within 5% of MeZO's).
 
 Run from the repository root (JSON on stdout, progress on stderr)::
 
-    .venv/bin/python benchmarks/bench_sparse_mezo.py                    # small shape, no master (~1-2 min)
+    .venv/bin/python benchmarks/bench_sparse_mezo.py                    # small shape, no master (~40 s)
     .venv/bin/python benchmarks/bench_sparse_mezo.py --master both
     .venv/bin/python benchmarks/bench_sparse_mezo.py --shape smollm2 --steps 2 --repeats 3
 """
@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--noise", choices=("gaussian", "rademacher"), default="gaussian")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: on a shared machine a parallel region waits for any "
+                         "preempted thread, which inflates every kernel launch; see bench_step.py)")
     ap.add_argument("--no-alloc", dest="alloc", action="store_false",
                     help="skip the profiler-based tensor peak (one extra step)")
     args = ap.parse_args(argv)
