@@ -63,9 +63,13 @@ RECORDS: tuple[OptimRecord, ...] = (
     # Forward-mode AD needs whole parameters: the engines' hooks gather shards into plain tensors.
     OptimRecord("forward_grad", dict(lr=2e-3, weight_decay=0.01, seed=11), engines=("local",),
                 errors=(({"one_sided": True}, "one_sided"),)),
-    # Backprop needs gradients DeepSpeed's ZeRO-3 only reduces inside its own optimizer.
+    # Backprop needs gradients DeepSpeed's ZeRO-3 only reduces inside its own optimizer. The FO
+    # part uses SGD here: AdamW divides by sqrt(v), so where a gradient is near zero the fp32
+    # difference between half-batch and whole-batch gradients moves a weight by up to ~lr
+    # (measured 5.2e-5 on FSDP2 with AdamW at lr 2e-3), beyond the engines' SPSA tolerance;
+    # tests/distributed/test_hybrid.py checks AdamW on FSDP2 with its own bound.
     OptimRecord("hybrid", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11,
-                               fo_params=["layers.1.", "model.norm"], fo_lr=2e-3),
+                               fo_params=["layers.1.", "model.norm"], fo_optimizer="sgd", fo_lr=2e-2),
                 engines=("local", "fsdp"),
                 errors=(({"fo_params": ["layers.9."]}, "layers.9."), ({"fo_optimizer": "adam"}, "fo_optimizer"))),
 )
