@@ -358,7 +358,11 @@ class ZOAdam(_StatefulZO):
 
     Adam normalises the step: the first update moves every element by ``lr`` (``m / sqrt(v)``
     is ``sign(g z)``), later ones by about ``lr |m| / sqrt(v) <= lr``, whatever the scale of
-    ``g``. So lr is not MeZO's: ZO-Bench uses 1e-5 .. 1e-4 for full-parameter fine-tuning.
+    ``g``. Since ``v`` is about ``g^2`` for every element (``z_i^2`` averages to 1), ZO-Adam
+    moves like MeZO with ``lr_mezo = lr / rms(g)``: pick lr as a working MeZO lr times the
+    typical ``|g|`` (the trainer logs ``g``). ZO-Bench (OPT-13B) uses 1e-5 .. 1e-4; on
+    zoscale's default job (SmolLM2-135M, MeZO lr 5e-5, ``|g|`` ~ 5-30) lr 1e-3 took the
+    held-out accuracy from 0.50 to 0.62 in 40 steps, while 1e-4 had not moved it after 30.
 
     Choices the paper leaves open, and departures:
         * ``eps`` is the SPSA perturbation (as in every zoscale optimizer); Adam's own epsilon
@@ -370,7 +374,7 @@ class ZOAdam(_StatefulZO):
 
     Args:
         params: ``model.named_parameters()`` (recommended), parameters, or param groups.
-        lr: learning rate (1e-5 .. 1e-4 full-parameter, see above).
+        lr: learning rate (see above: ZO-Bench 1e-5 .. 1e-4; zoscale's default job 1e-3).
         eps: SPSA perturbation scale.
         weight_decay: L2 term added to the gradient (Adam), or decoupled decay (AdamW).
         betas: ``(beta1, beta2)``, each in [0, 1).
