@@ -14,6 +14,8 @@ from zoscale.optim.hybrid import HybridZOFO
 from zoscale.optim.lezo import LeZO
 from zoscale.optim.lozo import LOZO, LOZOM
 from zoscale.optim.mezo import MeZO
+from zoscale.optim.sparse_mezo import SparseMeZO
+from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 
 __all__ = ["OPTIMIZERS", "get_optimizer_class", "build_optimizer"]
 
@@ -25,6 +27,11 @@ OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
     "lozo_m": LOZOM,
     "blockwise": BlockwiseZO,
     "forward_grad": ForwardGrad,
+    "sparse_mezo": SparseMeZO,
+    "zo_sgd_sign": ZOSGDSign,
+    "zo_sgd_mmt": ZOSGDMMT,
+    "zo_sgd_cons": ZOSGDCons,
+    "zo_adam": ZOAdam,
 }
 
 
