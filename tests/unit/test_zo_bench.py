@@ -61,6 +61,13 @@ def groups_of(model: torch.nn.Module, **second: float) -> list[dict]:
             {"params": [(n, p) for n, p in named.items() if n.startswith("2.")], **second}]
 
 
+def same(a, b) -> bool:
+    """Equal tensors (bitwise, same dtype) or equal plain values."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
 def llama_ids(seed: int = 1) -> torch.Tensor:
     return torch.randint(2, 262, (8, 16), generator=torch.Generator().manual_seed(seed))
 
@@ -353,11 +360,9 @@ def test_state_dict_round_trip_continues_in_lockstep(name, dtype, master) -> Non
     assert fresh.param_groups[0]["seed"] == 9 and fresh.step_count == 3
     for p, p2 in zip(model.parameters(), twin.parameters()):
         for k, v in opt.state[p].items():
-            if isinstance(v, torch.Tensor):
-                assert torch.equal(fresh.state[p2][k], v) and fresh.state[p2][k].dtype == v.dtype, k
-            else:
-                assert fresh.state[p2][k] == v, k
-    expected_keys = {"sign": set(), "cons": set(), "mmt": {"momentum_buffer"}, "adam": {"exp_avg", "exp_avg_sq", "step"}}
+            assert same(fresh.state[p2][k], v), k
+    expected_keys = {"sign": set(), "cons": set(), "mmt": {"momentum_buffer"},
+                     "adam": {"exp_avg", "exp_avg_sq", "step"}}
     assert set(opt.state[next(model.parameters())]) - {"master"} == expected_keys[name]
     for _ in range(3):
         assert opt.step(llama_closure(model, ids)) == fresh.step(llama_closure(twin, ids))
@@ -367,7 +372,7 @@ def test_state_dict_round_trip_continues_in_lockstep(name, dtype, master) -> Non
     assert saved["zo"] == snapshot["zo"]
     for k, st in snapshot["state"].items():
         for key, v in st.items():
-            assert torch.equal(saved["state"][k][key], v) if isinstance(v, torch.Tensor) else saved["state"][k][key] == v
+            assert same(saved["state"][k][key], v), (k, key)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -409,7 +414,7 @@ def test_stateful_replay_runs_the_log_through_the_update_rule(name, master) -> N
         if master:
             assert torch.equal(a, b), n
             for k, v in opt.state[a].items():
-                assert torch.equal(replayer.state[b][k], v) if isinstance(v, torch.Tensor) else replayer.state[b][k] == v
+                assert same(replayer.state[b][k], v), (n, k)
         else:  # the run restored theta from theta - eps z before each update; the replay did not
             torch.testing.assert_close(b, a, rtol=0, atol=2e-6, msg=n)
     moved = max((a - c).abs().max().item() for a, c in zip(model.parameters(), tiny_llama(seed=0).parameters()))
@@ -480,7 +485,7 @@ def test_stateful_non_finite_loss_changes_no_state(name, fail_call) -> None:
     assert after["zo"] == state["zo"] and opt.step_count == 1
     for k, st in state["state"].items():
         for key, v in st.items():
-            assert torch.equal(after["state"][k][key], v) if isinstance(v, torch.Tensor) else after["state"][k][key] == v
+            assert same(after["state"][k][key], v), (k, key)
 
 
 def _bad(name, **kw):
@@ -499,7 +504,8 @@ def _bad(name, **kw):
         (_bad("adam", betas=(-0.1, 0.9)), r"betas: \(-0.1, 0.9\)"),
         (_bad("adam", betas=(0.9,)), r"betas: \(0.9,\)"),
         (_bad("adam", betas="0.9"), "betas: '0.9'"),
-        (lambda m: ZOAdam([{"params": [m[0].weight]}, {"params": [m[2].weight], "betas": (0.9, 2.0)}]), r"betas: \(0.9, 2.0\)"),
+        (lambda m: ZOAdam([{"params": [m[0].weight]}, {"params": [m[2].weight], "betas": (0.9, 2.0)}]),
+         r"betas: \(0.9, 2.0\)"),
         (_bad("adam", adam_eps=-1e-8), "adam_eps: -1e-08"),
         (_bad("adam", decoupled_weight_decay="yes"), "decoupled_weight_decay: 'yes'"),
         (_bad("adam", lr=-1.0), "learning rate: -1.0"),
