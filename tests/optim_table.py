@@ -39,6 +39,8 @@ class OptimRecord:
     kwargs: dict[str, Any]
     engines: tuple[str, ...] = ENGINES
     errors: tuple[tuple[dict[str, Any], str], ...] = field(default_factory=tuple)
+    peft_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Options that replace ``kwargs``' for a LoRA-wrapped model (names that must match adapters)."""
 
 
 # Errors every ZO optimizer must reject (the SPSA hyperparameters of the shared base).
@@ -78,7 +80,7 @@ RECORDS: tuple[OptimRecord, ...] = (
     # tests/distributed/test_hybrid.py checks AdamW on FSDP2 with its own bound.
     OptimRecord("hybrid", dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11,
                                fo_params=["layers.1.", "model.norm"], fo_optimizer="sgd", fo_lr=2e-2),
-                engines=("local", "fsdp"),
+                engines=("local", "fsdp"), peft_kwargs=dict(fo_params=["layers.1."]),
                 errors=(({"fo_params": ["layers.9."]}, "layers.9."), ({"fo_optimizer": "adam"}, "fo_optimizer"))),
 )
 

@@ -16,6 +16,7 @@ import torch
 
 from tests import optim_table as T
 from zoscale.optim import OPTIMIZERS, build_optimizer
+from zoscale.shards import canonical_name
 from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 NAMES = [r.name for r in T.RECORDS]
@@ -141,3 +142,28 @@ def test_missing_closure_raises(name: str) -> None:
         opt.step()
     for n, p in m.named_parameters():
         assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_with_lora_only_the_adapters_move(name: str) -> None:
+    """Every optimizer on a peft LoRA model: the base weights stay bitwise, the adapters train."""
+    from zoscale.peft import adapter_parameters, apply_peft
+
+    rec = T.record(name)
+    m = apply_peft(T.model(), {"type": "lora", "r": 4, "target_modules": ["q_proj", "v_proj"]}, seed=0)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    adapters = adapter_parameters(m)
+    assert adapters and all("lora_" in n for n, _ in adapters)
+    opt = build_optimizer(name, adapters, {**rec.kwargs, **rec.peft_kwargs, "eps": 1e-2} if name != "forward_grad"
+                          else {**rec.kwargs, **rec.peft_kwargs}, module=m)
+    ids = T.data()
+    for _ in range(3):
+        opt.step(T.closure(m, ids))
+    names = {n for n, _ in adapters}
+    moved = [n for n, p in m.named_parameters() if n in names and not torch.equal(p, before[n])]
+    for n, p in m.named_parameters():
+        if n not in names:
+            assert torch.equal(p, before[n]), (name, n)
+    assert moved, name
+    # What a checkpoint saves is exactly the adapters.
+    assert {e.stable_id for e in opt.shard_entries()} <= {canonical_name(n) for n in names}
