@@ -12,7 +12,6 @@ rank and under every sharding.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Union
 
@@ -480,38 +479,6 @@ class LOZOM(LOZO):
             _written(v)
 
     # ----------------------------------------------------------------- step
-    def _query(self, closure: Callable[[], Any], entries: list[ShardEntry], step: int,
-               query: int) -> tuple[list[Direction], list[float], tuple[float, float], list[float]]:
-        """Perturb, two forwards, all-reduce; returns (directions, g per group, losses, offset)."""
-        groups = self.param_groups
-        eps = [g["eps"] for g in groups]
-        dirs = self._keys(entries, step, query)
-        device = entries[0].view.local.device if entries else torch.device("cpu")
-
-        def perturb(scale: list[float], delta: list[float]) -> None:
-            self._timed("perturb", self._perturb, entries, dirs, scale, delta=delta)
-
-        if groups[0]["one_sided"]:
-            l0 = self._call(closure)
-            perturb(eps, eps)
-            l1 = self._call(closure)
-            offset = eps
-            lp, lm = self._timed("communication", self._mean_over_ranks, [l1, l0], device)
-            diff = [(lp - lm) / e for e in eps]
-        else:
-            perturb(eps, eps)
-            l1 = self._call(closure)
-            perturb([-2.0 * e for e in eps], [-e for e in eps])
-            l2 = self._call(closure)
-            offset = [-e for e in eps]
-            lp, lm = self._timed("communication", self._mean_over_ranks, [l1, l2], device)
-            diff = [(lp - lm) / (2.0 * e) for e in eps]
-        if not (math.isfinite(lp) and math.isfinite(lm)):
-            self._restore(entries, dirs, offset)
-            self._zo["nonfinite"] += 1
-            raise NonFiniteLossError(step, query, (lp, lm))
-        return dirs, diff, (lp, lm), offset
-
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
         """Take one LOZO-M step (arguments, return value and errors as :meth:`LOZO.step`)."""
@@ -526,7 +493,7 @@ class LOZOM(LOZO):
         records = []
         try:
             for k in range(q):
-                dirs, diff, losses, offset = self._query(closure, entries, step, k)
+                dirs, diff, losses, offset = self._spsa_estimate(closure, entries, step, k)
                 queries.append((dirs, diff))
                 records.append((k, diff, losses))
                 if k < q - 1:
