@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Union
 import torch
 
 from zoscale import noise
-from zoscale.optim.base import NonFiniteLossError, ShardEntry, ZOOptimizer, _written
+from zoscale.optim.base import ShardEntry, ZOOptimizer, _written
 from zoscale.shards import ShardProvider
 
 __all__ = ["LOZO", "LOZOM", "LowRankDirection", "lowrank_axpb_", "row_range", "U_SUFFIX", "V_SUFFIX", "ROW_CHUNK"]
