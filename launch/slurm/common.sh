@@ -28,6 +28,8 @@ VENV_BIN=${ZOSCALE_VENV:-$ZOSCALE_ROOT/.venv}/bin
 export PYTHONPATH=$ZOSCALE_ROOT${PYTHONPATH:+:$PYTHONPATH}
 
 zo_log() { echo "[zoscale-slurm $(date +%T) job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0}] $*"; }
+# Under set -e a failing command ends the script; say which one, so the job log shows why.
+trap 'zo_log "failed (exit $?) at ${BASH_SOURCE[0]}:${LINENO}: ${BASH_COMMAND}" >&2' ERR
 
 # --- rendezvous: first node of the allocation, a port from the job id --------------------------
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)

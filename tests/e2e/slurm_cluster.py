@@ -219,22 +219,39 @@ class LocalSlurmCluster:
     def requeue(self, job_id: int, now: bool = True) -> None:
         """``scontrol requeue``: what a preemption does (the job is killed and queued again, same id).
 
-        Slurm holds a requeued job for about 2 minutes (its BeginTime); with ``now`` that hold is
-        lifted (``scontrol update StartTime=now``), as an administrator would, so tests do not wait.
+        Slurm holds a requeued job for about 2 minutes (its BeginTime); with ``now`` the hold is
+        shortened, as an administrator would, so tests do not wait. Not to zero: when a job ends,
+        each slurmd revokes its job credential with a timestamp of whole seconds and refuses any
+        credential of that job id created in the same second or earlier (slurmd's
+        ``cred_revoked``: ``ctime <= revoked``). A requeued instance scheduled within the second
+        its predecessor ended is refused before its batch script starts: the job ends FAILED
+        1:0 with nothing in its log. Slurm's own hold exists to step over that window, so the
+        release time here is the later of now and two seconds after the previous instance's end.
         """
+        end = self._end_time(job_id)
         self._run(["scontrol", "requeue", str(job_id)])
         if not now:
             return
+        start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(max(time.time(), end) + 2))
         deadline = time.monotonic() + 30
         while True:  # the update is refused while the job is still completing
-            if self._run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=False).returncode == 0:
+            if self._run(["scontrol", "update", f"JobId={job_id}", f"StartTime={start}"], check=False).returncode == 0:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"could not release requeued job {job_id}:\n{self.logs()}")
             time.sleep(0.3)
 
+    def _end_time(self, job_id: int) -> float:
+        """The job's ``EndTime`` as a Unix time (now if it has none yet)."""
+        value = self.job(job_id).get("EndTime", "")
+        try:
+            return time.mktime(time.strptime(value, "%Y-%m-%dT%H:%M:%S"))
+        except ValueError:
+            return time.time()
+
     def logs(self, lines: int = 30) -> str:
-        """The tail of every daemon log, for failure messages."""
+        """The tail of every daemon log, for failure messages (a job refused before its script ran
+        shows up only here)."""
         parts = []
         for f in sorted((self.dir / "log").glob("*.log")):
             parts.append(f"--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]))

@@ -101,6 +101,13 @@ def reference(work: Path) -> dict[int, float]:
     return _losses(out)
 
 
+def _why(cluster: LocalSlurmCluster, work: Path, name: str, job: int) -> str:
+    """What a failure message needs: the job log's tail, the job's record and the daemons' logs."""
+    info = cluster.job(job)
+    record = " ".join(f"{k}={info.get(k)}" for k in ("JobState", "Reason", "ExitCode", "Restarts", "BeginTime"))
+    return f"{_log(work, name, job)[-4000:]}\n--- job {job}: {record}\n{cluster.logs(lines=60)}"
+
+
 def _job(cluster: LocalSlurmCluster, work: Path, script: str, *args: str,
          timeout: float = 300) -> tuple[int, str, str]:
     job = cluster.sbatch([str(SLURM / script), *args], cwd=work, env=_env())
@@ -129,7 +136,7 @@ def test_deepspeed_job_follows_the_single_process_run_and_resumes_after_requeue(
             "--checkpoint_every", "2"]
     job, state, code = _job(cluster, work, "deepspeed.sbatch", *args)
     log = _log(work, "zoscale-ds", job)
-    assert (state, code) == ("COMPLETED", "0:0"), log[-4000:]
+    assert (state, code) == ("COMPLETED", "0:0"), _why(cluster, work, "zoscale-ds", job)
     # Where the README says: runs/slurm/<job name>-<job id>/ under the submission directory.
     run = work / "runs" / "slurm" / f"zoscale-ds-{job}"
     assert (run / "checkpoints" / f"step_{HALF:08d}" / "rank_00001.pt").is_file()
@@ -142,7 +149,8 @@ def test_deepspeed_job_follows_the_single_process_run_and_resumes_after_requeue(
     cluster.requeue(job)
     state, code = cluster.wait(job, timeout=300)
     log = _log(work, "zoscale-ds", job)
-    assert (state, code) == ("COMPLETED", "0:0"), log[-4000:]
+    assert (state, code) == ("COMPLETED", "0:0"), _why(cluster, work, "zoscale-ds", job)
+    assert log.count("starting on") == 2, log[-3000:]  # the batch script's first line, once per run
     assert cluster.job(job).get("Restarts") == "1"
     assert f"resuming from runs/slurm/zoscale-ds-{job}/checkpoints/step_{HALF:08d}" in log, log[-3000:]
     assert f'"start_step": {HALF}' in log
@@ -156,12 +164,12 @@ def test_torchrun_fsdp_job_follows_the_single_process_run_and_a_resubmission_res
     args = ["--engine", "fsdp", "--ds_config", str(work / "zero3.json"), *_common(work / "toy.jsonl"),
             "--output_dir", str(out), "--checkpoint_every", "2"]
     job, state, code = _job(cluster, work, "torchrun.sbatch", *args, "--steps", str(HALF), "save_final=false")
-    assert (state, code) == ("COMPLETED", "0:0"), _log(work, "zoscale-fsdp", job)[-4000:]
+    assert (state, code) == ("COMPLETED", "0:0"), _why(cluster, work, "zoscale-fsdp", job)
     assert (out / "checkpoints" / f"step_{HALF:08d}" / "done").is_file()
     # A new job on the same --output_dir picks up the checkpoint by itself.
     job2, state, code = _job(cluster, work, "torchrun.sbatch", *args, "--steps", str(STEPS))
     log = _log(work, "zoscale-fsdp", job2)
-    assert (state, code) == ("COMPLETED", "0:0"), log[-4000:]
+    assert (state, code) == ("COMPLETED", "0:0"), _why(cluster, work, "zoscale-fsdp", job2)
     assert f"resuming from {out}/checkpoints/step_{HALF:08d}" in log, log[-3000:]
     _assert_trajectory(_losses(out), reference)
     assert (out / "final" / "config.json").is_file()
