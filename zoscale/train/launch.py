@@ -18,7 +18,7 @@ import argparse
 import datetime
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -39,7 +39,7 @@ HEARTBEAT_TIMEOUT_S = 60.0
 _FLAG_KEYS = {"model": "model.name", "data": "data.path", "steps": "steps", "eval_every": "eval_every",
               "checkpoint_every": "checkpoint_every", "seed": "seed", "output_dir": "output_dir"}
 # Settings a DeepSpeed JSON owns; setting them elsewhere too would silently have no effect.
-_DS_OWNED = ("optimizer", "batch_size", "model.dtype")
+_DS_OWNED = ("optimizer", "batch_size", "gradient_accumulation_steps", "model.dtype")
 
 
 def ds_config_path(args: argparse.Namespace) -> str | None:
@@ -83,11 +83,38 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
 
         ds_config = load_ds_config(ds_path)
         cfg.batch_size = ds_config["train_micro_batch_size_per_gpu"]
+        cfg.gradient_accumulation_steps = _accumulation(ds_config, ds_path)
         section = ds_config["optimizer"]
         cfg.optimizer = OptimConfig(type=section["type"], params=dict(section.get("params", {})))
         cfg.model.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(ds_dtype(ds_config), "float32")
         validate(cfg)
     return cfg, ds_config
+
+
+def _accumulation(ds_config: dict[str, Any], ds_path: str) -> int:
+    """``gradient_accumulation_steps`` of a DeepSpeed JSON, checked against ``train_batch_size``.
+
+    DeepSpeed's rule: ``train_batch_size = micro-batch x accumulation x world size``; a JSON that
+    gives ``train_batch_size`` alone has its accumulation derived from it.
+    """
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accumulate = ds_config.get("gradient_accumulation_steps")
+    total = ds_config.get("train_batch_size")
+    for key, value in (("gradient_accumulation_steps", accumulate), ("train_batch_size", total)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"DeepSpeed config {ds_path}: {key!r} must be a positive integer, got {value!r}")
+    if accumulate is None:
+        if total is None:
+            return 1
+        if total % (micro * world):
+            raise ValueError(f"DeepSpeed config {ds_path}: train_batch_size {total} is not a multiple of "
+                             f"train_micro_batch_size_per_gpu {micro} x {world} ranks")
+        return total // (micro * world)
+    if total is not None and total != micro * accumulate * world:
+        raise ValueError(f"DeepSpeed config {ds_path}: train_batch_size {total} != train_micro_batch_size_per_gpu "
+                         f"{micro} x gradient_accumulation_steps {accumulate} x {world} ranks")
+    return accumulate
 
 
 def _init_distributed(engine: str, timeout_s: float = DIST_TIMEOUT_S) -> None:
@@ -180,8 +207,11 @@ def _check_timeouts(args: argparse.Namespace) -> tuple[float, float]:
     return dist_timeout, heartbeat
 
 
-def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Resolve the config, start the process group, build the engine, train; rank 0 returns the summary."""
+def run_from_args(args: argparse.Namespace, job: Callable[..., dict[str, Any]] = train) -> dict[str, Any] | None:
+    """Resolve the config, start the process group, build the engine, run ``job`` (default: train).
+
+    ``job(cfg, progress=, builder=)`` returns a summary, which rank 0 returns.
+    """
     cfg, ds_config = resolve_config(args)
     engine = getattr(args, "engine", None) or ("deepspeed" if ds_config is not None else "local")
     hsdp = _parse_hsdp(getattr(args, "hsdp", None))
@@ -205,7 +235,7 @@ def run_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
         builder = LocalBuilder()
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
-        summary = train(cfg, progress=not args.no_progress and rank == 0, builder=builder)
+        summary = job(cfg, progress=not args.no_progress and rank == 0, builder=builder)
     except BaseException as e:
         _on_failure(e, watchdog)  # does not return when another rank caused the failure
         raise

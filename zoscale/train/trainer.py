@@ -1,7 +1,9 @@
-"""The training loop: model + data + a ZO optimizer, metrics, held-out evaluation.
+"""The training loop: a task + a model on an engine + a ZO optimizer, metrics, held-out evaluation.
 
-The loop has no per-algorithm branches: the optimizer carries the difference. It runs the
-closure (a forward on this step's batch) through ``optimizer.step`` and records what happened.
+Four pieces, as torchtitan's ``Trainer`` has them: :func:`build` (data, model, engine, optimizer,
+resume), :func:`train_step` (one optimizer step on this step's batch), :func:`evaluate_run` (the
+held-out set on every engine) and :func:`finish` (final evaluation, saving, the summary). The loop
+has no per-algorithm and no per-task branches: the optimizer and the task carry the difference.
 """
 
 from __future__ import annotations
@@ -11,22 +13,26 @@ import json
 import random
 import resource
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import IO, Any, Iterator
 
 import torch
 import torch.distributed as dist
 
-from zoscale.data import SST2Task, load_labelled_file, load_rotten_tomatoes, loss_fn, split_train_eval
-from zoscale.data.tasks import label_logits
+from zoscale.data.splits import TaskData, load_task_data
+from zoscale.data.tasks import Encoder, Example, Task, build_task
 from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
+from zoscale.optim.base import ZOOptimizer
 from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters, save_adapter
 from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.engine import Engine, EngineBuilder, LocalBuilder
+from zoscale.train.evaluation import evaluate, rank_sync
 
-__all__ = ["train", "trainable_parameters", "batches", "evaluate"]
+__all__ = ["Run", "batches", "build", "evaluate_run", "finish", "load_model", "train", "train_step",
+           "trainable_parameters"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,7 +55,7 @@ def trainable_parameters(model: torch.nn.Module, which: str) -> list[tuple[str, 
     return out
 
 
-def batches(rows: list[dict], batch_size: int, seed: int, start_step: int = 0) -> Iterator[list[dict]]:
+def batches(rows: list, batch_size: int, seed: int, start_step: int = 0) -> Iterator[list]:
     """Endless global batches: a fresh seeded permutation every epoch (local RNG, never the global one).
 
     ``start_step`` skips that many batches, so a resumed run sees the batches it would have seen.
@@ -70,34 +76,31 @@ def _peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-@torch.no_grad()
-def evaluate(engine: Engine, rows: list[dict], tokenizer: Any, task: SST2Task, label_ids: list[int],
-             batch_size: int, max_length: int) -> float:
-    """Held-out accuracy, each rank scoring a slice; every rank runs the same number of forwards.
+@dataclass
+class Run:
+    """Everything one fine-tune holds while it runs."""
 
-    Sharded engines all-gather parameters inside each forward, so a rank with fewer batches
-    would leave the others waiting: short slices are padded with repeats that are not counted.
-    """
-    rank, world = engine.rank, engine.world_size
-    mine = rows[rank::world]
-    n_batches = -(-len(rows[0::world]) // batch_size)  # rank 0 has the longest slice
-    correct = 0
-    for b in range(n_batches):
-        part = mine[b * batch_size:(b + 1) * batch_size]
-        real = len(part)
-        padded = part + [rows[0]] * (batch_size - real) if real < batch_size else part
-        batch = task.collate(padded, tokenizer, max_length)
-        pred = label_logits(engine.module, batch, label_ids).argmax(-1)[:real].cpu()
-        correct += int((pred == batch["labels"][:real]).sum())
-    counts = engine.all_reduce_sum(torch.tensor([correct, len(mine)], dtype=torch.float64))
-    return float(counts[0] / counts[1])
+    cfg: TrainConfig
+    task: Task
+    data: TaskData
+    engine: Engine
+    optimizer: ZOOptimizer
+    encoder: Encoder
+    tokenizer: Any
+    out: Path
+    start: int
+    metrics: IO[str] | None
+    stream: Iterator[list[Example]]
+    train_truncated: int
 
+    @property
+    def lead(self) -> bool:
+        return self.engine.rank == 0
 
-def _load_model(cfg: TrainConfig) -> tuple[torch.nn.Module, Any]:
-    model, tokenizer = load_causal_lm(cfg.model.name, dtype=_DTYPES[cfg.model.dtype])
-    if tokenizer is None:
-        raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
-    return model, tokenizer
+    def record(self, entry: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(json.dumps(entry) + "\n")
+            self.metrics.flush()
 
 
 def _prepare_once(name: str) -> None:
@@ -109,27 +112,25 @@ def _prepare_once(name: str) -> None:
         dist.barrier()
 
 
-def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None = None) -> dict[str, Any]:
-    """Run a fine-tune described by ``cfg``; returns a summary (accuracies, timings, paths).
-
-    Args:
-        cfg: the run configuration.
-        progress: show a progress bar (rank 0).
-        builder: makes the engine; default :class:`~zoscale.train.engine.LocalBuilder` (one
-            process, or data-parallel replicas when ``torch.distributed`` is initialised).
-    """
-    out = Path(cfg.output_dir)
-    # Data first: a malformed file fails before the model is loaded.
-    rows = load_rotten_tomatoes() if cfg.data.path is None else load_labelled_file(cfg.data.path)
-    train_rows, eval_rows = split_train_eval(rows, cfg.data.n_train, cfg.data.n_eval, cfg.seed)
-    task = SST2Task(label_words=tuple(cfg.data.label_words))
-
-    builder = builder or LocalBuilder()
+def load_model(cfg: TrainConfig, builder: EngineBuilder) -> tuple[torch.nn.Module, Any]:
+    """The configured model (prepared once, built in the engine's loading context) and its tokenizer."""
     _prepare_once(cfg.model.name)
     with builder.loading():
-        model, tokenizer = _load_model(cfg)
+        model, tokenizer = load_causal_lm(cfg.model.name, dtype=_DTYPES[cfg.model.dtype])
+    if tokenizer is None:
+        raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
-    label_ids = task.label_token_ids(tokenizer)
+    return model, tokenizer
+
+
+def _audit(task: Task, examples: list[Example], encoder: Encoder, chunk: int = 64) -> int:
+    """Tokenise every training batch once before any parameter moves: a candidate that tokenises to
+    nothing or a prompt that cannot fit fails here, naming its record; returns the prompts truncated."""
+    return sum(int(task.family.train_batch(examples[i:i + chunk], encoder)["truncated"])
+               for i in range(0, len(examples), chunk))
+
+
+def _wrap(cfg: TrainConfig, model: torch.nn.Module, builder: EngineBuilder) -> tuple[Engine, ZOOptimizer]:
     if cfg.model.peft is not None:  # adapters only; the base weights are frozen
         model = apply_peft(model, cfg.model.peft, seed=cfg.seed)
     else:
@@ -141,84 +142,146 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
               else trainable_parameters(engine.module, cfg.model.trainable))
     optimizer = build_optimizer(cfg.optimizer.type, params, {"seed": cfg.seed, **cfg.optimizer.params},
                                 shards=engine.shards, module=engine.module)
-    rank, world = engine.rank, engine.world_size
-    lead = rank == 0
-    ckpt_root = out / "checkpoints"
+    return engine, optimizer
 
-    start = 0
-    if cfg.resume:
-        latest = latest_checkpoint(ckpt_root)
-        if latest is None:
-            raise FileNotFoundError(f"resume requested but {ckpt_root} holds no complete checkpoint")
-        start = load_checkpoint(latest, optimizer, rank, world)
-    if lead:
+
+def _resume(cfg: TrainConfig, optimizer: ZOOptimizer, engine: Engine, ckpt_root: Path) -> int:
+    if not cfg.resume:
+        return 0
+    latest = latest_checkpoint(ckpt_root)
+    if latest is None:
+        raise FileNotFoundError(f"resume requested but {ckpt_root} holds no complete checkpoint")
+    return load_checkpoint(latest, optimizer, engine.rank, engine.world_size)
+
+
+def build(cfg: TrainConfig, builder: EngineBuilder | None = None) -> Run:
+    """Data (checked before any model loads), model, engine, optimizer, and the resume point."""
+    task = build_task(cfg.data)
+    data = load_task_data(task, cfg.data, cfg.seed)
+    builder = builder or LocalBuilder()
+    model, tokenizer = load_model(cfg, builder)
+    encoder = Encoder(tokenizer, cfg.data.max_length)
+    train_truncated = _audit(task, data.train, encoder)
+    engine, optimizer = _wrap(cfg, model, builder)
+    out = Path(cfg.output_dir)
+    start = _resume(cfg, optimizer, engine, out / "checkpoints")
+    metrics = None
+    if engine.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w") if lead else None
+        metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w")
+    per_step = cfg.batch_size * cfg.gradient_accumulation_steps * engine.world_size
+    stream = batches(data.train, per_step, cfg.seed, start_step=start)
+    return Run(cfg, task, data, engine, optimizer, encoder, tokenizer, out, start, metrics, stream, train_truncated)
 
-    def record(entry: dict[str, Any]) -> None:
-        if metrics is not None:
-            metrics.write(json.dumps(entry) + "\n")
-            metrics.flush()
 
-    def run_eval() -> float:
-        return evaluate(engine, eval_rows, tokenizer, task, label_ids, cfg.eval_batch_size, cfg.data.max_length)
+def _micro_batches(run: Run, global_batch: list[Example]) -> list[dict[str, Any]]:
+    """This rank's share of the step's examples, as ``gradient_accumulation_steps`` micro-batches."""
+    micro, accumulate = run.cfg.batch_size, run.cfg.gradient_accumulation_steps
+    mine = global_batch[run.engine.rank * micro * accumulate:(run.engine.rank + 1) * micro * accumulate]
+    return [run.task.family.train_batch(mine[i * micro:(i + 1) * micro], run.encoder) for i in range(accumulate)]
 
-    t_start = time.perf_counter()
-    acc_before = run_eval()
-    record({"step": start, "eval_accuracy": acc_before})
-    bar = None
-    if progress and lead:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="zo-train", dynamic_ncols=True)
-    micro = cfg.batch_size
-    stream = batches(train_rows, micro * world, cfg.seed, start_step=start)
-    acc = acc_before
-    for step in range(start + 1, cfg.steps + 1):
-        global_batch = next(stream)
-        batch = task.collate(global_batch[rank * micro:(rank + 1) * micro], tokenizer, cfg.data.max_length)
-        t0 = time.perf_counter()
-        loss = optimizer.step(lambda: loss_fn(engine.module, batch, label_ids))
-        dt = time.perf_counter() - t0
-        last = optimizer.step_log[-1]
-        entry = {
-            "step": step,
-            "loss": loss,
-            "projected_grad": last["grad"][0],
-            "lr": last["lr"][0] * optimizer.param_groups[0]["q"],
-            "step_s": dt,
-            **{f"{k}_s": v for k, v in optimizer.last_step_timing.items()},
-            "examples_per_s": micro * world / dt,
-            "peak_memory_mb": _peak_memory_mb(),
-        }
-        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
-            acc = run_eval()
-            entry["eval_accuracy"] = acc
-        record(entry)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(ckpt_root, step, optimizer, rank, world, cfg.keep_checkpoints)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}", acc=f"{acc:.3f}")
-    acc_after = run_eval()
-    record({"step": cfg.steps, "eval_accuracy": acc_after})
-    if bar is not None:
-        bar.close()
-    if metrics is not None:
-        metrics.close()
-    final_dir = out / "final" if cfg.save_final else None
-    if final_dir is not None and cfg.model.peft is not None:
-        save_adapter(engine.module, final_dir, tokenizer)  # a peft adapter folder
-    elif final_dir is not None:
-        engine.save_pretrained(final_dir, tokenizer)
+def train_step(run: Run, step: int) -> dict[str, Any]:
+    """One optimizer step on the next global batch; the metrics record of that step."""
+    parts = _micro_batches(run, next(run.stream))
+    family, module, sync = run.task.family, run.engine.module, rank_sync(run.engine)
+
+    def closure() -> torch.Tensor:
+        losses = [family.loss(module, part, sync) for part in parts]
+        return losses[0] if len(losses) == 1 else torch.stack(losses).mean()
+
+    t0 = time.perf_counter()
+    loss = run.optimizer.step(closure)
+    dt = time.perf_counter() - t0
+    last = run.optimizer.step_log[-1]
+    examples = run.cfg.batch_size * run.cfg.gradient_accumulation_steps * run.engine.world_size
     return {
-        "accuracy_before": acc_before,
-        "accuracy_after": acc_after,
-        "start_step": start,
+        "step": step,
+        "loss": loss,
+        "projected_grad": last["grad"][0],
+        "lr": last["lr"][0] * run.optimizer.param_groups[0]["q"],
+        "step_s": dt,
+        **{f"{k}_s": v for k, v in run.optimizer.last_step_timing.items()},
+        "examples_per_s": examples / dt,
+        "peak_memory_mb": _peak_memory_mb(),
+    }
+
+
+def evaluate_run(run: Run, examples: list[Example], prefix: str = "eval",
+                 predictions: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """The task's metrics on ``examples``, keyed ``<prefix>_<metric>`` (and ``<prefix>_truncated``)."""
+    metrics, rows = evaluate(run.engine, run.task, examples, run.encoder, run.cfg.eval_batch_size, predictions)
+    return {f"{prefix}_{k}": v for k, v in metrics.items()}, rows
+
+
+def finish(run: Run, before: dict[str, Any], t_start: float) -> dict[str, Any]:
+    """Final held-out (and dev) evaluation, predictions, the final folder; the run's summary."""
+    cfg = run.cfg
+    after, rows = evaluate_run(run, run.data.eval, predictions=cfg.data.predictions)
+    dev = evaluate_run(run, run.data.dev, prefix="dev")[0] if run.data.dev else {}
+    run.record({"step": cfg.steps, **after, **dev})
+    if run.metrics is not None:
+        run.metrics.close()
+    if rows is not None and run.lead:
+        with (run.out / "predictions.jsonl").open("w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    final_dir = run.out / "final" if cfg.save_final else None
+    if final_dir is not None and cfg.model.peft is not None:
+        save_adapter(run.engine.module, final_dir, run.tokenizer)  # a peft adapter folder
+    elif final_dir is not None:
+        run.engine.save_pretrained(final_dir, run.tokenizer)
+    metric_names = run.task.family.metrics
+    return {
+        "task": run.task.name,
+        **{f"{m}_before": before[f"eval_{m}"] for m in metric_names},
+        **{f"{m}_after": after[f"eval_{m}"] for m in metric_names},
+        **{k: v for k, v in dev.items() if not k.endswith("truncated")},
+        "n_train": len(run.data.train), "n_eval": len(run.data.eval), "n_dev": len(run.data.dev),
+        "train_truncated": run.train_truncated, "eval_truncated": after["eval_truncated"],
+        "data_notes": run.data.notes,
+        "start_step": run.start,
         "steps": cfg.steps,
-        "world_size": world,
+        "world_size": run.engine.world_size,
         "seconds": time.perf_counter() - t_start,
-        "metrics": str(out / "metrics.jsonl"),
+        "metrics": str(run.out / "metrics.jsonl"),
+        "predictions": str(run.out / "predictions.jsonl") if rows is not None else None,
         "final_dir": str(final_dir) if final_dir else None,
     }
+
+
+def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None = None) -> dict[str, Any]:
+    """Run a fine-tune described by ``cfg``; returns a summary (metrics before/after, timings, paths).
+
+    Args:
+        cfg: the run configuration.
+        progress: show a progress bar (rank 0).
+        builder: makes the engine; default :class:`~zoscale.train.engine.LocalBuilder` (one
+            process, or data-parallel replicas when ``torch.distributed`` is initialised).
+    """
+    run = build(cfg, builder)
+    t_start = time.perf_counter()
+    headline = f"eval_{run.task.family.metrics[0]}"
+    before, _ = evaluate_run(run, run.data.eval)
+    run.record({"step": run.start, **before, "train_truncated": run.train_truncated})
+    bar = None
+    if progress and run.lead:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=run.start, desc="zo-train", dynamic_ncols=True)
+    score = before[headline]
+    for step in range(run.start + 1, cfg.steps + 1):
+        entry = train_step(run, step)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+            entry.update(evaluate_run(run, run.data.eval)[0])
+            score = entry[headline]
+        run.record(entry)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            save_checkpoint(run.out / "checkpoints", step, run.optimizer, run.engine.rank, run.engine.world_size,
+                            cfg.keep_checkpoints)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{entry['loss']:.4f}", score=f"{score:.3f}")
+    if bar is not None:
+        bar.close()
+    return finish(run, before, t_start)
