@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from zoscale.data import default_data_archive, load_labelled_file, load_rotten_tomatoes, split_train_eval
+from zoscale.data import default_data_archive, load_rotten_tomatoes, split_train_eval
+from zoscale.data.splits import read_records
+from zoscale.data.tasks import Classification, Example, Task, task_spec
 from zoscale.data.sources import RT_ARCHIVE_NAME
 
 # ---------------------------------------------------------------------------------------------
@@ -124,17 +126,25 @@ def _write_jsonl(path: Path, lines: list[str]) -> Path:
     return path
 
 
+def _sst2(path: Path) -> list[Example]:
+    """A user's file through the SST-2 template, as the trainer reads it (``data.path=<file>``)."""
+    return Task(task_spec("sst2"), Classification()).examples(read_records(path))
+
+
 def test_load_jsonl_and_csv(tmp_path: Path) -> None:
     jsonl = _write_jsonl(
         tmp_path / "a.jsonl",
         [json.dumps({"sentence": " a fine film ", "label": 1}), "", json.dumps({"sentence": "dull", "label": 0})],
     )
-    assert load_labelled_file(jsonl) == [{"sentence": "a fine film", "label": 1}, {"sentence": "dull", "label": 0}]
+    got = _sst2(jsonl)
+    assert [(ex.prompt, ex.label, ex.where) for ex in got] == [
+        ("a fine film It was", 1, f"{jsonl} line 1"), ("dull It was", 0, f"{jsonl} line 3")]
 
     csv_path = tmp_path / "b.csv"
-    csv_path.write_text('review,stars,extra\n"multi\nline, quoted",1,x\nok,0,y\n', encoding="utf-8")
-    rows = load_labelled_file(csv_path, text_field="review", label_field="stars")
-    assert rows == [{"sentence": "multi\nline, quoted", "label": 1}, {"sentence": "ok", "label": 0}]
+    csv_path.write_text('sentence,label,extra\n"multi\nline, quoted",1,x\nok,0,y\n', encoding="utf-8")
+    got = _sst2(csv_path)
+    assert [(ex.prompt, ex.label, ex.where) for ex in got] == [
+        ("multi\nline, quoted It was", 1, f"{csv_path} line 2"), ("ok It was", 0, f"{csv_path} line 4")]
 
 
 @pytest.mark.parametrize(
@@ -143,9 +153,11 @@ def test_load_jsonl_and_csv(tmp_path: Path) -> None:
         ({"label": 1}, "missing field 'sentence'"),
         ({"sentence": "x"}, "missing field 'label'"),
         ({"sentence": "   ", "label": 1}, "field 'sentence' is empty"),
-        ({"sentence": 3, "label": 1}, "is not text"),
-        ({"sentence": "x", "label": 2}, "label 2 not in [0, 1]"),
-        ({"sentence": "x", "label": "1"}, "not in [0, 1]"),
+        ({"sentence": 3, "label": 1}, "field 'sentence' must be text"),
+        ({"sentence": "x", "label": 2}, "label 2 (int) in field 'label' is not one of"),
+        ({"sentence": "x", "label": "1"}, "label '1' (str)"),
+        ({"sentence": "x", "label": 1.0}, "label 1.0 (float)"),
+        ({"sentence": "x", "label": True}, "label True (bool)"),
     ],
 )
 def test_jsonl_bad_row_names_file_and_line(tmp_path: Path, bad_row: dict, message: str) -> None:
@@ -153,23 +165,23 @@ def test_jsonl_bad_row_names_file_and_line(tmp_path: Path, bad_row: dict, messag
     good = json.dumps({"sentence": "good", "label": 1})
     path = _write_jsonl(tmp_path / "rows.jsonl", [good, "", good, json.dumps(bad_row)])
     with pytest.raises(ValueError, match=r"rows\.jsonl line 4: ") as info:
-        load_labelled_file(path)
+        _sst2(path)
     assert message in str(info.value)
 
 
 def test_jsonl_invalid_json_line(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "rows.jsonl", [json.dumps({"sentence": "a", "label": 0}), "{not json"])
-    with pytest.raises(ValueError, match=r"rows\.jsonl line 2: not valid JSON"):
-        load_labelled_file(path)
+    with pytest.raises(ValueError, match=r"rows\.jsonl line 2: malformed JSON"):
+        _sst2(path)
 
 
 @pytest.mark.parametrize(
     "bad_line, message",
     [
-        (",1", "missing field 'sentence'"),
-        ("text,", "missing field 'label'"),
+        (",1", "field 'sentence' is empty"),
+        ("text,", "label '' (str) in field 'label'"),
         ("  ,1", "field 'sentence' is empty"),
-        ("text,5", "label 5 not in [0, 1]"),
+        ("text,5", "label 5 (int) in field 'label'"),
         ("text,1,extra", "expected 2 fields like the header, got 3"),
     ],
 )
@@ -178,7 +190,7 @@ def test_csv_bad_row_names_file_and_line(tmp_path: Path, bad_line: str, message:
     path.write_text(f"sentence,label\n{bad_line}\nfine,0\n", encoding="utf-8")
     # The header is line 1, so the first data row is line 2.
     with pytest.raises(ValueError, match=r"rows\.csv line 2: ") as info:
-        load_labelled_file(path)
+        _sst2(path)
     assert message in str(info.value)
 
 
@@ -186,16 +198,20 @@ def test_csv_line_numbers_count_multiline_fields_and_blank_lines(tmp_path: Path)
     path = tmp_path / "rows.csv"
     path.write_text('sentence,label\n"two\nlines",1\n\nbad,7\n', encoding="utf-8")
     with pytest.raises(ValueError, match=r"rows\.csv line 5: label 7"):
-        load_labelled_file(path)
+        _sst2(path)
 
 
-def test_unknown_suffix_and_missing_file(tmp_path: Path) -> None:
+def test_unknown_suffix_empty_and_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "rows.parquet"
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="unsupported file type '.parquet'"):
-        load_labelled_file(path)
-    with pytest.raises(FileNotFoundError):
-        load_labelled_file(tmp_path / "absent.jsonl")
+        _sst2(path)
+    with pytest.raises(FileNotFoundError, match="absent.jsonl"):
+        _sst2(tmp_path / "absent.jsonl")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="empty.jsonl: no records"):
+        _sst2(empty)
 
 
 # ---------------------------------------------------------------------------------------------

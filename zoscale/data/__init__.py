@@ -3,7 +3,6 @@
 from zoscale.data.sources import (
     data_dir,
     default_data_archive,
-    load_labelled_file,
     load_rotten_tomatoes,
     load_tweets,
     split_train_eval,
@@ -12,7 +11,6 @@ from zoscale.data.sources import (
 __all__ = [
     "data_dir",
     "default_data_archive",
-    "load_labelled_file",
     "load_rotten_tomatoes",
     "load_tweets",
     "split_train_eval",

