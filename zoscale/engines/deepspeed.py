@@ -242,8 +242,8 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not JSON, no ``train_micro_batch_size_per_gpu`` (or not a positive int),
-            or a bad ``"optimizer"`` section (see :func:`check_optimizer_section`); named.
+        ValueError: not JSON, no ``train_micro_batch_size_per_gpu`` (or not a positive int), a
+            ``zero_optimization.stage`` other than 0-3, or a bad ``"optimizer"`` section (see :func:`check_optimizer_section`); named.
     """
     p = Path(path)
     if not p.is_file():
@@ -259,6 +259,12 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"DeepSpeed config {p} has no 'train_micro_batch_size_per_gpu' (the per-rank micro-batch)")
     if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
         raise ValueError(f"DeepSpeed config {p}: 'train_micro_batch_size_per_gpu' must be a positive integer, got {micro!r}")
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ValueError(f"DeepSpeed config {p}: 'zero_optimization' must be an object, got {zero!r}")
+    stage = zero.get("stage", 0)
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ValueError(f"DeepSpeed config {p}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
     if "optimizer" not in cfg:
         raise ValueError(f"DeepSpeed config {p} has no 'optimizer' section naming the zoscale optimizer "
                          "(e.g. {\"type\": \"MeZO\", \"params\": {\"lr\": 1e-6, \"eps\": 1e-3}})")
@@ -334,6 +340,7 @@ class DeepSpeedBuilder:
     """
 
     name = "deepspeed"
+    load_dtype = None
 
     def __init__(self, ds_config: dict[str, Any]) -> None:
         self.ds_config = ds_config

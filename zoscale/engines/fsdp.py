@@ -277,6 +277,8 @@ class FSDPBuilder:
     """
 
     name = "fsdp"
+    load_dtype = torch.float32
+    """The dtype the model is loaded in: FSDP2 keeps fp32 shards and computes in ``param_dtype``."""
 
     def __init__(self, hsdp: tuple[int, int] | None = None, param_dtype: torch.dtype | None = None) -> None:
         self.hsdp = hsdp

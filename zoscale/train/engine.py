@@ -42,6 +42,9 @@ class EngineBuilder(Protocol):
     """Makes an engine: a context to construct the model in, then the wrapping."""
 
     name: str
+    load_dtype: torch.dtype | None
+    """The dtype to load the model in when the engine keeps its own precision (FSDP2's fp32
+    shards under bf16 compute); None: the run's ``model.dtype``."""
 
     def loading(self) -> contextlib.AbstractContextManager[None]:
         """Context in which the model is constructed (e.g. partitioned at load for ZeRO-3)."""
@@ -85,6 +88,7 @@ class LocalBuilder:
     """Builds a :class:`LocalEngine`; the model is loaded plainly."""
 
     name = "local"
+    load_dtype = None
 
     def loading(self) -> contextlib.AbstractContextManager[None]:
         """Context in which the model is constructed (nothing special for replicas)."""

@@ -28,7 +28,7 @@ from zoscale.train.engine import EngineBuilder, LocalBuilder
 from zoscale.train.trainer import train
 from zoscale.train.watchdog import EXIT_PEER_LOST, Watchdog, is_communication_error
 
-__all__ = ["run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
+__all__ = ["make_builder", "run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
 
 DIST_TIMEOUT_S = 600.0
 """Default collective timeout: long enough for rank 0 to prepare a model while the others wait at
@@ -77,6 +77,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
         clash = [o.split("=", 1)[0] for o in overrides if o.split("=", 1)[0].startswith(_DS_OWNED)]
         if clash:
             raise ValueError(f"{clash} come from the DeepSpeed JSON ({ds_path}): set them there, not on the command line")
+        in_file = _owned_in_file(getattr(args, "config", None))
+        if in_file:
+            raise ValueError(f"{in_file} in --config {args.config} come from the DeepSpeed JSON ({ds_path}): "
+                             "set them in one place, the DeepSpeed JSON")
     cfg = load_config(args.config, overrides)
     if ds_path:
         from zoscale.engines.deepspeed import ds_dtype, load_ds_config
@@ -89,6 +93,22 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
         cfg.model.dtype = {torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(ds_dtype(ds_config), "float32")
         validate(cfg)
     return cfg, ds_config
+
+
+def _owned_in_file(path: str | None) -> list[str]:
+    """The DeepSpeed-owned keys (``optimizer``, ``batch_size``, ...) a ``--config`` file sets."""
+    if not path or not os.path.isfile(path):
+        return []  # a missing or malformed file is reported by load_config
+    import json
+
+    try:
+        values = json.loads(open(path).read())
+    except (ValueError, OSError):
+        return []
+    if not isinstance(values, dict):
+        return []
+    flat = [k for k in values if k != "model"] + [f"model.{k}" for k in (values.get("model") or {})]
+    return [k for k in flat if k in _DS_OWNED]
 
 
 def _accumulation(ds_config: dict[str, Any], ds_path: str) -> int:
@@ -207,6 +227,22 @@ def _check_timeouts(args: argparse.Namespace) -> tuple[float, float]:
     return dist_timeout, heartbeat
 
 
+def make_builder(engine: str, cfg: TrainConfig, ds_config: dict[str, Any] | None,
+                 hsdp: tuple[int, int] | None = None) -> EngineBuilder:
+    """The engine builder ``--engine`` names. ``cfg.model.dtype`` stays the compute dtype the run
+    asked for (what its config.json records); FSDP2 loads fp32 and keeps fp32 shards under it."""
+    if engine == "deepspeed":
+        from zoscale.engines.deepspeed import DeepSpeedBuilder
+
+        return DeepSpeedBuilder(ds_config)
+    if engine == "fsdp":
+        from zoscale.engines.fsdp import FSDPBuilder
+
+        compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
+        return FSDPBuilder(hsdp=hsdp, param_dtype=compute)
+    return LocalBuilder()
+
+
 def run_from_args(args: argparse.Namespace, job: Callable[..., dict[str, Any]] = train) -> dict[str, Any] | None:
     """Resolve the config, start the process group, build the engine, run ``job`` (default: train).
 
@@ -219,20 +255,7 @@ def run_from_args(args: argparse.Namespace, job: Callable[..., dict[str, Any]] =
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     _init_distributed(engine, dist_timeout)
     watchdog = _start_watchdog(heartbeat)
-    builder: EngineBuilder
-    if engine == "deepspeed":
-        from zoscale.engines.deepspeed import DeepSpeedBuilder
-
-        builder = DeepSpeedBuilder(ds_config)
-    elif engine == "fsdp":
-        from zoscale.engines.fsdp import FSDPBuilder
-
-        # FSDP2 keeps fp32 shards and computes in the JSON's / config's precision.
-        compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
-        cfg.model.dtype = "float32"
-        builder = FSDPBuilder(hsdp=hsdp, param_dtype=compute)
-    else:
-        builder = LocalBuilder()
+    builder = make_builder(engine, cfg, ds_config, hsdp)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         summary = job(cfg, progress=not args.no_progress and rank == 0, builder=builder)

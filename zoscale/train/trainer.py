@@ -115,8 +115,10 @@ def _prepare_once(name: str) -> None:
 def load_model(cfg: TrainConfig, builder: EngineBuilder) -> tuple[torch.nn.Module, Any]:
     """The configured model (prepared once, built in the engine's loading context) and its tokenizer."""
     _prepare_once(cfg.model.name)
+    # An engine that keeps its own precision (FSDP2: fp32 shards, bf16 compute) says how to load.
+    dtype = getattr(builder, "load_dtype", None) or _DTYPES[cfg.model.dtype]
     with builder.loading():
-        model, tokenizer = load_causal_lm(cfg.model.name, dtype=_DTYPES[cfg.model.dtype])
+        model, tokenizer = load_causal_lm(cfg.model.name, dtype=dtype)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
