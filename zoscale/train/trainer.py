@@ -122,6 +122,10 @@ def load_model(cfg: TrainConfig, builder: EngineBuilder) -> tuple[torch.nn.Modul
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function
+    context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(context, int) and cfg.data.max_length > context:
+        raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the context of model {cfg.model.name!r} "
+                         f"({context} positions); prompts are truncated from the left to data.max_length")
     return model, tokenizer
 
 
