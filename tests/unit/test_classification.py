@@ -224,3 +224,16 @@ def test_evaluate_accuracy_matches_reference_and_keeps_mode(model, tokenizer) ->
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="zero examples"):
         evaluate(engine, task, [], encoder, batch_size=4)
+
+
+def test_evaluation_counts_truncated_prompts_once_whatever_the_padding(tokenizer) -> None:
+    # 5 held-out examples, 2 of them too long, in batches of 4: the second batch is padded with 3
+    # repeats of the first example (a long one), which must not be counted.
+    rows = [{"sentence": "x" * 40, "label": 1}, {"sentence": "ok", "label": 0}, {"sentence": "fine", "label": 1},
+            {"sentence": "y" * 40, "label": 0}, {"sentence": "good", "label": 1}]
+    task = Task(task_spec("sst2"), Classification())
+    examples = task.examples([(r, f"rows[{i}]") for i, r in enumerate(rows)])
+    encoder = Encoder(tokenizer, 24)
+    alone = sum(int(Classification().eval_batch([ex], encoder)["truncated"]) for ex in examples)
+    metrics, _ = evaluate(LocalEngine(tiny_llama(seed=1)), task, examples, encoder, batch_size=4)
+    assert alone == 2 and metrics["truncated"] == 2

@@ -64,6 +64,7 @@ def evaluate(engine: Any, task: Task, examples: list[Example], encoder: Encoder,
     sync = rank_sync(engine)
     totals = torch.zeros(len(family.metrics) + 2, dtype=torch.float64)  # metrics, truncated, count
     rows: list[dict[str, Any]] = []
+    repeat_cut = float(family.eval_batch(examples[:1], encoder)["truncated"])  # of each padding repeat
     for b in range(n_batches):
         part = mine[b * batch_size:(b + 1) * batch_size]
         padded = part + [examples[0]] * (batch_size - len(part))
@@ -74,14 +75,11 @@ def evaluate(engine: Any, task: Task, examples: list[Example], encoder: Encoder,
             totals[:-2] += torch.tensor([scores[m] for m in family.metrics], dtype=torch.float64)
             if predictions:
                 rows.append({"where": example.where, "prediction": prediction, **scores})
-        # Truncations of the padded repeats are not counted: only the real rows' share.
-        totals[-2] += float(batch["truncated"]) if len(part) == batch_size else _truncated(family, part, encoder)
+        # The padded repeats' truncations are not counted.
+        totals[-2] += float(batch["truncated"]) - (batch_size - len(part)) * repeat_cut
         totals[-1] += len(part)
     totals = engine.all_reduce_sum(totals)
     metrics = {m: float(totals[i] / totals[-1]) for i, m in enumerate(family.metrics)}
     metrics["truncated"] = int(totals[-2])
     return metrics, (_gather(rows, world) if predictions else None)
 
-
-def _truncated(family: Any, part: list[Example], encoder: Encoder) -> float:
-    return float(family.eval_batch(part, encoder)["truncated"]) if part else 0.0
