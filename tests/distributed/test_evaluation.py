@@ -1,4 +1,4 @@
-"""Held-out evaluation on 2 ZeRO-3 and 2 FSDP2 ranks equals the one-process evaluation, and ends.
+"""Held-out evaluation on 2 ZeRO-3, 2 FSDP2 and 2 replica ranks equals the one-process evaluation, and ends.
 
 One spawn per engine scores three families (classification with multi-token candidates: RTE;
 multiple choice: COPA; generation: SQuAD) on 7 examples with batches of 2: rank 0 holds 4
@@ -76,10 +76,12 @@ def _worker(rank: int, world: int, kind: str, out: str) -> None:
 
         engine = DeepSpeedEngine(model, {"train_micro_batch_size_per_gpu": BATCH, "steps_per_print": 10**6,
                                          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
-    else:
+    elif kind == "fsdp":
         from zoscale.engines.fsdp import FSDPEngine
 
         engine = FSDPEngine(model)
+    else:  # data-parallel replicas: every rank holds the whole model
+        engine = LocalEngine(model)
     results = _evaluate_all(engine)
     if rank == 0:
         Path(out).write_text(json.dumps(results))
@@ -92,7 +94,7 @@ def reference() -> dict[str, Any]:
     return json.loads(json.dumps(_evaluate_all(LocalEngine(model))))
 
 
-@pytest.mark.parametrize("kind", ["zero3", "fsdp"])
+@pytest.mark.parametrize("kind", ["zero3", "fsdp", "replicas"])
 def test_sharded_evaluation_equals_one_process(kind: str, reference: dict[str, Any], tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
