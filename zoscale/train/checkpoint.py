@@ -5,8 +5,10 @@ a barrier), so a checkpoint interrupted mid-write is never picked for resuming.
 A rank's file holds ``{"step", "world_size", "shards": {stable id: local tensor}, "optimizer":
 optimizer.state_dict()}``. Only trainable tensors are saved: frozen ones come back from the base
 model (with ``model.peft`` only the adapters are trainable, so a checkpoint holds nothing else).
-Resuming needs the same world size and layout; the step log in the optimizer state makes the run
-replayable on any layout (DESIGN.md section 5).
+Resuming needs the same world size and layout. The step log in the optimizer state
+(``optimizer.state_dict()["zo"]["log"]``) makes the run replayable on any layout: an optimizer
+built on the base weights with the same param groups applies it with ``ZOOptimizer.replay``
+(bitwise with master weights; README, "Using the optimizer").
 """
 
 from __future__ import annotations
@@ -32,13 +34,19 @@ def _shards(optimizer: ZOOptimizer) -> dict[str, torch.Tensor]:
     return {e.stable_id: e.view.local for e in optimizer.shard_entries()}
 
 
-def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, world_size: int, keep: int) -> Path:
-    """Write this rank's part of the checkpoint of ``step``; prune old ones (rank 0)."""
+def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, world_size: int, keep: int,
+                    identity: dict[str, Any] | None = None) -> Path:
+    """Write this rank's part of the checkpoint of ``step``; prune old ones (rank 0).
+
+    ``identity`` (:func:`zoscale.train.run_folder.run_identity`) is recorded with it, so that a
+    checkpoint copied into another run's folder is still recognised.
+    """
     path = root / f"step_{step:08d}"
     path.mkdir(parents=True, exist_ok=True)
     payload = {
         "step": step,
         "world_size": world_size,
+        "run": identity,
         "shards": {k: v.detach().clone() for k, v in _shards(optimizer).items()},
         "optimizer": optimizer.state_dict(),
     }
@@ -61,12 +69,20 @@ def latest_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, optimizer: ZOOptimizer, rank: int, world_size: int) -> int:
-    """Restore this rank's shards and optimizer state; return the step to continue after."""
+def load_checkpoint(path: Path, optimizer: ZOOptimizer, rank: int, world_size: int,
+                    identity: dict[str, Any] | None = None) -> int:
+    """Restore this rank's shards and optimizer state; return the step to continue after.
+
+    With ``identity``, a checkpoint that records another run's identity is refused.
+    """
     file = path / f"rank_{rank:05d}.pt"
     if not file.is_file():
         raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({file.name})")
     payload: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=False)
+    recorded = payload.get("run")
+    if identity is not None and recorded is not None and recorded != identity:
+        differs = sorted(k for k in identity if recorded.get(k) != identity.get(k))
+        raise ValueError(f"checkpoint {file} belongs to another run (it differs in {differs})")
     if payload["world_size"] != world_size:
         raise ValueError(
             f"checkpoint {path} was written by {payload['world_size']} ranks, this run has {world_size}; "

@@ -133,7 +133,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     resume: bool = False
-    """Continue from the newest checkpoint in ``<output_dir>/checkpoints`` (same world size)."""
+    """Continue from the newest checkpoint in ``<output_dir>/checkpoints`` (same world size and the
+    same run: config, seed, data and layout, recorded in ``<output_dir>/run.json``)."""
+    overwrite: bool = False
+    """Start over in an ``output_dir`` that holds checkpoints (they are deleted); without it a fresh
+    run there is refused."""
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "data.n_train",

@@ -64,6 +64,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
             overrides.append(f"{key}={value}")
     if getattr(args, "resume", False):
         overrides.append("resume=true")
+    if getattr(args, "overwrite", False):
+        overrides.append("overwrite=true")
     ds_path = ds_config_path(args)
     engine = getattr(args, "engine", None) or ("deepspeed" if ds_path else "local")
     if engine == "deepspeed" and not ds_path:

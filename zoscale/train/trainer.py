@@ -12,6 +12,7 @@ import dataclasses
 import json
 import random
 import resource
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +27,11 @@ from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
 from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters, save_adapter
-from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from zoscale.train.checkpoint import load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.engine import Engine, EngineBuilder, LocalBuilder
 from zoscale.train.evaluation import evaluate, rank_sync
+from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 
 __all__ = ["Run", "batches", "build", "evaluate_run", "finish", "load_model", "train", "train_step",
            "trainable_parameters"]
@@ -92,6 +94,8 @@ class Run:
     metrics: IO[str] | None
     stream: Iterator[list[Example]]
     train_truncated: int
+    resumed_from: str | None = None
+    identity: dict[str, Any] | None = None
 
     @property
     def lead(self) -> bool:
@@ -151,34 +155,36 @@ def _wrap(cfg: TrainConfig, model: torch.nn.Module, builder: EngineBuilder) -> t
     return engine, optimizer
 
 
-def _resume(cfg: TrainConfig, optimizer: ZOOptimizer, engine: Engine, ckpt_root: Path) -> int:
-    if not cfg.resume:
-        return 0
-    latest = latest_checkpoint(ckpt_root)
-    if latest is None:
-        raise FileNotFoundError(f"resume requested but {ckpt_root} holds no complete checkpoint")
-    return load_checkpoint(latest, optimizer, engine.rank, engine.world_size)
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def build(cfg: TrainConfig, builder: EngineBuilder | None = None) -> Run:
-    """Data (checked before any model loads), model, engine, optimizer, and the resume point."""
+    """Data and the run folder (checked before any model loads), model, engine, optimizer, resume."""
     task = build_task(cfg.data)
     data = load_task_data(task, cfg.data, cfg.seed)
     builder = builder or LocalBuilder()
+    folder = prepare_run_folder(cfg, run_identity(cfg, data.train, builder.name, _world_size()))
     model, tokenizer = load_model(cfg, builder)
     encoder = Encoder(tokenizer, cfg.data.max_length)
     train_truncated = _audit(task, data.train, encoder)
     engine, optimizer = _wrap(cfg, model, builder)
     out = Path(cfg.output_dir)
-    start = _resume(cfg, optimizer, engine, out / "checkpoints")
+    start = 0
+    if folder.checkpoint is not None:
+        start = load_checkpoint(folder.checkpoint, optimizer, engine.rank, engine.world_size, folder.identity)
     metrics = None
     if engine.rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        write_run_folder(folder)
+        if folder.checkpoint is not None:
+            print(f"[zoscale] resuming from {folder.checkpoint} (step {start})", file=sys.stderr, flush=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics = (out / "metrics.jsonl").open("a" if cfg.resume else "w")
+        metrics = (out / "metrics.jsonl").open("a")
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * engine.world_size
     stream = batches(data.train, per_step, cfg.seed, start_step=start)
-    return Run(cfg, task, data, engine, optimizer, encoder, tokenizer, out, start, metrics, stream, train_truncated)
+    resumed = str(folder.checkpoint) if folder.checkpoint is not None else None
+    return Run(cfg, task, data, engine, optimizer, encoder, tokenizer, out, start, metrics, stream, train_truncated,
+               resumed, folder.identity)
 
 
 def _micro_batches(run: Run, global_batch: list[Example]) -> list[dict[str, Any]]:
@@ -247,6 +253,7 @@ def finish(run: Run, before: dict[str, Any], t_start: float) -> dict[str, Any]:
         "train_truncated": run.train_truncated, "eval_truncated": after["eval_truncated"],
         "data_notes": run.data.notes,
         "start_step": run.start,
+        "resumed_from": run.resumed_from,
         "steps": cfg.steps,
         "world_size": run.engine.world_size,
         "seconds": time.perf_counter() - t_start,
@@ -284,7 +291,7 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
         run.record(entry)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
             save_checkpoint(run.out / "checkpoints", step, run.optimizer, run.engine.rank, run.engine.world_size,
-                            cfg.keep_checkpoints)
+                            cfg.keep_checkpoints, run.identity)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", score=f"{score:.3f}")

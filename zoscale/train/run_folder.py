@@ -1,0 +1,117 @@
+"""A run folder belongs to one run: its identity, recorded in ``run.json``, checked before a model loads.
+
+The identity is what fixes a run's trajectory: a hash of the config without the settings that
+only steer a run (``steps``, ``resume``, ``output_dir``, evaluation and checkpoint cadence), the
+seed, a fingerprint of the training examples in order, and the world layout (engine, ranks).
+``prepare_run_folder`` refuses, with one message saying what differs:
+
+* resuming into a folder written by another run (another config, seed, data or layout);
+* resuming with ``steps`` below the newest checkpoint's step (nothing to train, and the
+  checkpoint is past the end asked for);
+* resuming a folder that holds no complete checkpoint;
+* a fresh run in a folder that holds checkpoints (its own config's or another's): they would be
+  mixed and pruned; ``--resume`` continues them, ``--overwrite`` starts over (and deletes them).
+
+On resume, ``metrics.jsonl`` loses the records after the checkpoint's step, so that the resumed run
+writes each step once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from zoscale.data.tasks import Example
+from zoscale.train.checkpoint import latest_checkpoint
+from zoscale.train.config import TrainConfig
+
+__all__ = ["RunFolder", "prepare_run_folder", "run_identity"]
+
+#: Settings that steer a run without changing its trajectory, left out of the config hash.
+STEERING = ("steps", "resume", "overwrite", "output_dir", "eval_every", "eval_batch_size", "checkpoint_every",
+            "keep_checkpoints", "save_final")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_identity(cfg: TrainConfig, train: list[Example], engine: str, world_size: int) -> dict[str, Any]:
+    """The run's identity: config hash, seed, training-data fingerprint, world layout."""
+    config = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in STEERING and k != "seed"}
+    config["data"] = {k: v for k, v in config["data"].items() if k != "predictions"}
+    data = [(ex.prompt, ex.candidates, ex.correct, ex.answers) for ex in train]
+    return {"config_hash": _digest(config), "seed": cfg.seed, "data_fingerprint": _digest(data),
+            "engine": engine, "world_size": world_size}
+
+
+@dataclasses.dataclass
+class RunFolder:
+    """What the checks found: the checkpoint to resume from (or None) and its step."""
+
+    path: Path
+    identity: dict[str, Any]
+    checkpoint: Path | None
+    step: int
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return [f"{k}: {old.get(k)!r} there, {new.get(k)!r} here" for k in new if old.get(k) != new.get(k)]
+
+
+def _checkpoint_step(path: Path) -> int:
+    return int((path / "done").read_text().strip() or path.name.split("_")[-1])
+
+
+def prepare_run_folder(cfg: TrainConfig, identity: dict[str, Any]) -> RunFolder:
+    """Check ``cfg.output_dir`` against this run (see the module docstring); rank 0 may then write.
+
+    Raises:
+        ValueError: the folder belongs to another run, ``steps`` is below the checkpoint, or a
+            fresh run would mix with checkpoints already there.
+        FileNotFoundError: ``resume`` without a complete checkpoint.
+    """
+    out = Path(cfg.output_dir)
+    root = out / "checkpoints"
+    if cfg.overwrite:
+        return RunFolder(out, identity, None, 0)
+    recorded = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
+    latest = latest_checkpoint(root)
+    if recorded is not None and (latest is not None or cfg.resume) and _differences(recorded, identity):
+        raise ValueError(f"{out} belongs to another run ({'; '.join(_differences(recorded, identity))}): use another "
+                         "--output_dir, or --overwrite to start over there")
+    if not cfg.resume:
+        if latest is not None:
+            raise ValueError(f"{out} holds checkpoints up to step {_checkpoint_step(latest)}: pass --resume to "
+                             "continue them, or --overwrite to start over (deletes them)")
+        return RunFolder(out, identity, None, 0)
+    if latest is None:
+        raise FileNotFoundError(f"resume requested but {root} holds no complete checkpoint")
+    step = _checkpoint_step(latest)
+    if cfg.steps < step:
+        raise ValueError(f"--steps {cfg.steps} is below the step of the checkpoint to resume ({latest}, step {step})")
+    return RunFolder(out, identity, latest, step)
+
+
+def write_run_folder(folder: RunFolder) -> None:
+    """Rank 0: clear an overwritten folder, record the identity, trim ``metrics.jsonl`` on resume."""
+    out = folder.path
+    out.mkdir(parents=True, exist_ok=True)
+    if folder.checkpoint is None:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "run.json").write_text(json.dumps(folder.identity, indent=2))
+    metrics = out / "metrics.jsonl"
+    if folder.checkpoint is not None and metrics.is_file():
+        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
+        keep = [line for line in rows if _kept(json.loads(line), folder.step)]
+        metrics.write_text("".join(line + "\n" for line in keep))
+
+
+def _kept(row: dict[str, Any], step: int) -> bool:
+    """Records up to the checkpoint, but not the evaluation at its step (the resumed run redoes it)."""
+    return row["step"] < step or (row["step"] == step and "loss" in row)
