@@ -1,5 +1,5 @@
 """Tests of zoscale.data.tasks (templates, scoring, decoding, metrics, objectives, custom tasks) and
-zoscale.data.splits, each against a reference written here: literal prompts from TASKS.md's table,
+zoscale.data.splits, each against a reference written here: literal prompts from MeZO's prompt table (the README's Tasks table),
 per-sequence unpadded forwards, a plain greedy loop, hand-computed EM/F1, and MeZO's sampling."""
 
 from __future__ import annotations

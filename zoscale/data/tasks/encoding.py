@@ -1,6 +1,6 @@
 """Examples and their tokenisation: a prompt, its candidates, left truncation and left padding.
 
-Every task turns a raw record into an :class:`Example` (MeZO's sample model, ``TASKS.md``): a
+Every task turns a raw record into an :class:`Example` (the sample model of MeZO's code): a
 prompt (``encode``), the candidates that may follow it (``verbalize`` = prompt + candidate) and
 which of them are right. A candidate's *option tokens* are the tokens of prompt + candidate beyond
 those of the prompt; only they are scored.

@@ -2,7 +2,7 @@
 
 Each template turns one raw record (fields as :mod:`zoscale.data.formats` reads the data set's
 own files) into an :class:`Example`; the prompts are MeZO's (arXiv 2305.17333, appendix prompt
-table; ``TASKS.md``). WinoGrande is not in MeZO: ZO-Bench adds it; zoscale's template splits the
+table; the README's Tasks table lists them). WinoGrande is not in MeZO: ZO-Bench adds it; zoscale's template splits the
 sentence at ``_``: the prompt is the text before the blank, each candidate the option followed by
 the rest of the sentence, so the option and its consequence are scored together.
 
