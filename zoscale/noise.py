@@ -181,20 +181,41 @@ def backend() -> str:
     return value
 
 
+# One graph per (dtype, kind, 0/1-size specialisation) of a kernel: more than dynamo's default 8
+# recompiles. These limits hold only while a kernel runs (where dynamo compiles it): torch's
+# global dynamo config, which user code may rely on, is left as it was.
+_RECOMPILE_LIMITS = {"recompile_limit": 64, "accumulated_recompile_limit": 1024}
+
+
+def _with_recompile_limits(fn: Callable[..., None]) -> Callable[..., None]:
+    """``fn`` run with dynamo's recompile limits raised to at least :data:`_RECOMPILE_LIMITS`."""
+    cfg = torch._dynamo.config
+    names = [k for k in _RECOMPILE_LIMITS if hasattr(cfg, k)]
+
+    def call(*args: object) -> None:
+        # A hand-written torch._dynamo.config.patch: ~8 us a call instead of ~22.
+        saved = [getattr(cfg, k) for k in names]
+        for k, old in zip(names, saved):
+            setattr(cfg, k, max(old, _RECOMPILE_LIMITS[k]))
+        try:
+            fn(*args)
+        finally:
+            for k, old in zip(names, saved):
+                setattr(cfg, k, old)
+
+    return call
+
+
 def _kernel(name: str, force_eager: bool) -> tuple[Callable[..., None], int]:
     if force_eager or backend() == "eager":
         return _KERNELS[name], EAGER_CHUNK
     fn = _compiled.get(name)
     if fn is None:
-        # One graph per (dtype, kind, 0/1-size specialisation): more than dynamo's default 8.
-        cfg = torch._dynamo.config
-        cfg.recompile_limit = max(cfg.recompile_limit, 64)
-        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 1024)
         # dynamic_threads: always emit an OpenMP region. Otherwise inductor decides serial vs
         # parallel from the first call's size, and a small first tensor (a norm weight) would
         # leave every later pass single-threaded -- and the compile cache would keep it so.
-        fn = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
-        _compiled[name] = fn
+        compiled = torch.compile(_KERNELS[name], dynamic=True, fullgraph=True, options={"cpp.dynamic_threads": True})
+        fn = _compiled[name] = _with_recompile_limits(compiled)
     return fn, COMPILED_CHUNK
 
 

@@ -1,4 +1,8 @@
-"""Run a module-level function on N gloo ranks of this machine (torch.multiprocessing.spawn)."""
+"""Run a module-level function on N gloo ranks of this machine (torch.multiprocessing.spawn).
+
+Also the free-port lookup that every launcher here needs (the e2e tests' torchrun, DeepSpeed and
+SLURM daemons, and benchmarks/_harness.py): one copy.
+"""
 
 from __future__ import annotations
 
@@ -11,10 +15,21 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 now (all sockets are held open until all are found)."""
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(n):
+            socks.append(socket.socket())
+            socks[-1].bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _entry(rank: int, fn: Callable[..., Any], world: int, port: int, args: tuple) -> None:

@@ -2,34 +2,33 @@
 
 Two spawned gloo ranks, each with half of the batch. DeepSpeed is told to use the CPU accelerator
 and not to JIT-build its shared-memory comm op (about 70 s on a new machine; gloo is used
-anyway), before anything imports it (as in test_deepspeed.py).
+anyway), before anything imports it (tests/distributed/cpu_deepspeed.py).
 """
 
 from __future__ import annotations
 
 import gc
-import os
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from tests.distributed.cpu_deepspeed import import_deepspeed
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import_deepspeed()  # before anything imports DeepSpeed
 
-deepspeed = pytest.importorskip("deepspeed")
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
+from tests.distributed import builders  # noqa: E402
+from tests.distributed.builders import BATCH, full_params, lm_loss, token_ids  # noqa: E402
+from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.engines import DeepSpeedShards, FSDPShards, apply_fsdp, build_mesh, zero3_engine  # noqa: E402
-from zoscale.models import tiny_llama  # noqa: E402
+from zoscale.engines import DeepSpeedShards  # noqa: E402
+from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
 from zoscale.optim.blockwise import BlockwiseZO  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ, VOCAB = 4, 8, 12, 263  # 263 vocabulary rows: FSDP2 shards them 132 + 131
+STEPS = 4
 ATOL = 5e-5  # parameters against one process: test_deepspeed.py's bound, derivation below
 OPTIONS = dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11)
 BLOCKS = ["block.0", "block.1", "rest"]
@@ -42,76 +41,44 @@ def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
 
 
-def _data() -> torch.Tensor:
-    return torch.randint(2, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
-
-
-def _model() -> torch.nn.Module:
-    return tiny_llama(vocab_size=VOCAB, seed=0)
-
-
 def _reference() -> tuple[list[float], dict[str, torch.Tensor], list[dict[str, Any]]]:
     """One process, the whole batch, no engine."""
-    model = _model()
-    ids = _data()
+    model = builders.llama()
+    ids = token_ids()
     opt = BlockwiseZO(model.named_parameters(), **OPTIONS)
     assert opt.blocks == BLOCKS
-    losses = [opt.step(lambda: model(input_ids=ids, labels=ids).loss) for _ in range(STEPS)]
+    losses = [opt.step(lm_loss(model, ids)) for _ in range(STEPS)]
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, opt.step_log
 
 
 def _train(opt: BlockwiseZO, forward: Callable[..., Any], ids: torch.Tensor) -> list[float]:
     """STEPS steps; checks the optimizer's own traffic: one all-reduce of 2 floats per block."""
-    outside: list[tuple[int, ...]] = []
-    in_forward = [False]
-    original = dist.all_reduce
-
-    def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if not in_forward[0]:
-            outside.append(tuple(tensor.shape))
-        return original(tensor, *args, **kwargs)
-
-    def closure() -> torch.Tensor:
-        in_forward[0] = True
-        try:
-            return forward(input_ids=ids, labels=ids).loss
-        finally:
-            in_forward[0] = False
-
-    dist.all_reduce = counted
-    try:
+    with all_reduces() as counter:
+        closure = counter.closure(lm_loss(forward, ids))
         losses = [opt.step(closure) for _ in range(STEPS)]
-    finally:
-        dist.all_reduce = original
-    assert outside == [(2,)] * (STEPS * len(BLOCKS)), outside
+    # The first step's option check (one all-reduce, OPTION_CHECK_SHAPE), then the loss pairs.
+    assert shapes(counter.optimizer) == [OPTION_CHECK_SHAPE] + [(2,)] * (STEPS * len(BLOCKS)), counter.optimizer
     return losses
 
 
 def _worker(rank: int, world: int, out: str) -> None:
-    ids = _data()[rank * BATCH // world:(rank + 1) * BATCH // world]
+    ids = token_ids()[builders.rank_part(rank, world)]
     results: dict[str, Any] = {}
 
     # DeepSpeed ZeRO-3, every parameter sharded (threshold 0).
-    config = {"train_micro_batch_size_per_gpu": BATCH // world,
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-    engine, opt = zero3_engine(_model(), config, optimizer=lambda named: BlockwiseZO(named, **OPTIONS))
+    engine, opt = builders.zero3(builders.llama(), BATCH // world, BlockwiseZO, **OPTIONS)
     assert isinstance(opt.shards, DeepSpeedShards) and opt.blocks == BLOCKS
     losses = _train(opt, engine, ids)
-    named = list(engine.module.named_parameters())
-    assert all(p.data.numel() == 0 for _, p in named)  # nothing stays gathered between steps
-    with deepspeed.zero.GatheredParameters([p for _, p in named]):
-        params = {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
-    results["zero3"] = {"losses": losses, "params": params, "log": opt.step_log}
+    assert all(p.data.numel() == 0 for p in engine.module.parameters())  # nothing stays gathered between steps
+    results["zero3"] = {"losses": losses, "params": full_params(engine.module), "log": opt.step_log}
     del engine, opt
     gc.collect()
 
     # FSDP2: one fully_shard per block, the root resharded after forward.
-    model = apply_fsdp(_model(), build_mesh())
-    opt = BlockwiseZO(model.named_parameters(), shards=FSDPShards(module=model), **OPTIONS)
+    model, opt = builders.fsdp(builders.llama(), BlockwiseZO, **OPTIONS)
     assert opt.blocks == BLOCKS
     losses = _train(opt, model, ids)
-    params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    results["fsdp2"] = {"losses": losses, "params": params, "log": opt.step_log}
+    results["fsdp2"] = {"losses": losses, "params": full_params(model), "log": opt.step_log}
     del model, opt
     gc.collect()  # FSDP modules sit in reference cycles: free them before the group goes (test_fsdp.py)
     torch.save(results, f"{out}/rank{rank}.pt")
@@ -140,6 +107,6 @@ def test_zero3_and_fsdp2_follow_the_single_process_trajectory(tmp_path: Path) ->
         assert set(got["params"]) == set(ref_params)
         for n, p in ref_params.items():
             torch.testing.assert_close(got["params"][n], p, rtol=0, atol=ATOL, msg=f"{engine} {n}")
-    init = dict(_model().named_parameters())
+    init = dict(builders.llama().named_parameters())
     for n, p in ref_params.items():  # every block moved, the embedding (rest) included
         assert (p - init[n].detach()).abs().max() > 20 * ATOL, n

@@ -29,6 +29,7 @@ from tests import optim_table as T  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
 from zoscale.engines import FSDPEngine, zero3_engine  # noqa: E402
 from zoscale.optim import build_optimizer  # noqa: E402
+from zoscale.shards import canonical_name  # noqa: E402
 from zoscale.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -59,13 +60,21 @@ class _Run:
         return self.opt.step(T.closure(self.module, ids))
 
     def full_params(self) -> dict[str, torch.Tensor]:
+        """The whole parameters, gathered on every rank (collective; a tied head appears once)."""
+        named = list(self.module.named_parameters())
         if self.kind == "zero3":
-            named = list(self.module.named_parameters())
             with deepspeed.zero.GatheredParameters([p for _, p in named]):
-                return {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
-        # Consolidated on rank 0 only (empty elsewhere); parameters only (a tied head appears once).
-        state = self.engine.full_state_dict()
-        return {n: state[n].clone() for n, _ in self.module.named_parameters() if n in state}
+                full = {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
+        else:  # FSDP2 DTensors: all-gathered here, not consolidated on rank 0 only
+            full = {n: p.full_tensor().detach().clone() for n, p in named}
+        assert full, self.kind
+        return full
+
+    def shards(self) -> dict[str, tuple[int, torch.Tensor]]:
+        """What this rank holds and trains: stable id -> (flat offset, copy of the local shard)."""
+        held = {e.stable_id: (e.view.offset, e.view.local.detach().clone()) for e in self.opt.shard_entries()}
+        assert held, self.kind
+        return held
 
 
 def _worker(rank: int, world: int, engine: str, out: str) -> None:
@@ -80,7 +89,7 @@ def _worker(rank: int, world: int, engine: str, out: str) -> None:
             continue
         r = _Run(engine, rec)
         losses = [r.step(ids) for _ in range(T.STEPS)]
-        params = r.full_params()
+        params, shards = r.full_params(), r.shards()
         del r
         # Interrupted after 2 steps, resumed from the checkpoint on fresh base weights.
         ckpt = Path(out) / f"{rec.name}_ckpt"
@@ -94,9 +103,10 @@ def _worker(rank: int, world: int, engine: str, out: str) -> None:
         resumed_params = r.full_params()
         del r
         assert resumed == losses, (engine, rec.name, resumed, losses)
+        assert params and set(resumed_params) == set(params), (engine, rec.name)
         for n, p in params.items():
             assert torch.equal(resumed_params[n], p), (engine, rec.name, n)
-        results[rec.name] = {"losses": losses, "params": params}
+        results[rec.name] = {"losses": losses, "params": params, "shards": shards}
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -112,11 +122,25 @@ def test_every_optimizer_follows_the_single_process_trajectory(engine: str, tmp_
         if engine not in rec.engines:
             assert got == "refused"
             continue
-        # Both ranks saw the same averaged losses (and, where both consolidate, the same weights).
+        # Both ranks saw the same averaged losses and gathered the same whole weights.
         assert got["losses"] == ranks[1][rec.name]["losses"], rec.name
-        for n, p in ranks[1][rec.name]["params"].items():
-            assert torch.equal(p, got["params"][n]), (rec.name, n)
+        assert got["params"] and set(ranks[1][rec.name]["params"]) == set(got["params"]), rec.name
+        for n, p in got["params"].items():
+            assert torch.equal(p, ranks[1][rec.name]["params"][n]), (rec.name, n)
         ref_losses, ref_params, _ = T.run_local(rec)
+        # What each rank really holds and trains: its shards against the reference's slices, and
+        # together the ranks' shards cover every element of every trainable tensor.
+        ref_flat = {canonical_name(n): p.reshape(-1) for n, p in ref_params.items()}
+        covered = {sid: torch.zeros(t.numel(), dtype=torch.bool) for sid, t in ref_flat.items()}
+        for r, got_r in enumerate(ranks):
+            shards = got_r[rec.name]["shards"]
+            assert shards, (engine, rec.name, r)
+            for sid, (offset, local) in shards.items():
+                ref = ref_flat[sid][offset:offset + local.numel()]
+                torch.testing.assert_close(local, ref, rtol=0, atol=ATOL, msg=f"{engine} {rec.name} rank {r} {sid}")
+                covered[sid][offset:offset + local.numel()] = True
+        trained = {sid for got_r in ranks for sid in got_r[rec.name]["shards"]}
+        assert trained == set(ref_flat) and all(c.all() for c in covered.values()), (engine, rec.name, trained)
         # The sole difference from one process is the loss: the mean of two fp32 half-batch
         # means instead of one mean, a few ulp apart, which the projected gradient amplifies by
         # 1/(2 eps); test_deepspeed.py derives the resulting parameter bound (5e-5 here).

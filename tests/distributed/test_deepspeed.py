@@ -8,29 +8,29 @@ DeepSpeed is told to use the CPU accelerator and not to JIT-build its shared-mem
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from tests.distributed.cpu_deepspeed import import_deepspeed
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-
-deepspeed = pytest.importorskip("deepspeed")
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+deepspeed = import_deepspeed()
 
 from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload  # noqa: E402
 
+from tests.distributed.builders import BATCH, MODELS, full_params, mlp, rank_part, token_ids  # noqa: E402
+from tests.distributed.collectives import Collectives  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
 from zoscale.engines import DeepSpeedShards, zero3_engine  # noqa: E402
 from zoscale.models import tiny_llama  # noqa: E402
 from zoscale.optim import MeZO  # noqa: E402
+from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ = 4, 8, 12
+STEPS = 4
 ATOL = 5e-5  # parameters against one process; derivation in the test
 OPTIONS = dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11)
 # (name, zero_optimization section). Persistence thresholds: 0 shards everything; PERSIST keeps
@@ -43,31 +43,21 @@ CONFIGS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("zero3_all_persist", {"stage": 3}),
     ("zero2", {"stage": 2}),
 )
-MODELS = ("llama", "mlp")
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-               "all_gather_coalesced", "all_gather_object", "reduce_scatter", "reduce_scatter_tensor",
-               "_reduce_scatter_base", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
-               "barrier", "reduce", "gather", "scatter", "broadcast_object_list", "allgather_fn",
-               "reduce_scatter_fn")
 REDUCING = {"all_reduce", "broadcast", "reduce", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
             "all_to_all", "all_to_all_single", "broadcast_object_list", "reduce_scatter_fn",
             "reduce_scatter_function"}
 
 
 def _model(kind: str) -> torch.nn.Module:
-    if kind == "llama":
-        return tiny_llama(seed=0)
     # Odd sizes, so that ZeRO-3 pads the last rank's partition (35 -> 18 + 17 valid, ...).
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+    return tiny_llama(seed=0) if kind == "llama" else mlp(3)
 
 
 def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
     if kind == "llama":
-        ids = torch.randint(2, 262, (BATCH, SEQ), generator=g)
+        ids = token_ids(vocab=262)
         return ids, ids
+    g = torch.Generator().manual_seed(3)
     return torch.randn(BATCH, 5, generator=g), torch.randint(0, 3, (BATCH,), generator=g)
 
 
@@ -87,60 +77,6 @@ def _reference(kind: str, q: int) -> tuple[list[float], dict[str, torch.Tensor]]
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-class _Traffic:
-    """Counts collectives, split by whether a forward (the closure) or the optimizer issued them."""
-
-    def __init__(self) -> None:
-        self.in_forward = False
-        self.optimizer: list[tuple[str, tuple[int, ...]]] = []
-        self.forward: list[list[tuple[str, tuple[int, ...]]]] = []  # per step
-        self._saved: list[tuple[Any, str, Any]] = []
-
-    def _wrap(self, module: Any, name: str, origin: str) -> None:
-        original = getattr(module, name, None)
-        if original is None:
-            return
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-            record = (f"{origin}.{name}", tuple(tensor.shape) if tensor is not None else ())
-            (self.forward[-1] if self.in_forward else self.optimizer).append(record)
-            return original(*args, **kwargs)
-
-        self._saved.append((module, name, original))
-        setattr(module, name, counted)
-
-    def __enter__(self) -> "_Traffic":
-        # deepspeed.comm forwards to its TorchBackend, which looks most torch.distributed
-        # functions up at call time ("ds.X" then "torch.X") but caches all_gather_into_tensor
-        # and reduce_scatter_tensor when it starts (comm/torch.py, get_all_gather_function):
-        # ZeRO-3's parameter all-gathers only show up as "ds.allgather_fn" and "backend.*".
-        for name in COLLECTIVES:
-            self._wrap(dist, name, "torch")
-            self._wrap(deepspeed.comm, name, "ds")
-        backend = deepspeed.comm.comm.cdb
-        for name in ("all_gather_function", "reduce_scatter_function"):
-            self._wrap(backend, name, "backend")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, name, original in reversed(self._saved):
-            setattr(module, name, original)
-
-    def closure(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        """Mark ``fn``'s calls as forward traffic; call once per step."""
-        self.forward.append([])
-
-        def marked() -> torch.Tensor:
-            self.in_forward = True
-            try:
-                return fn()
-            finally:
-                self.in_forward = False
-
-        return marked
-
-
 def _ds_config(kind: str, zero: dict[str, Any], q: int) -> dict[str, Any]:
     zero = {k: PERSIST[kind] if v == "PERSIST" else v for k, v in zero.items()}
     return {"train_micro_batch_size_per_gpu": BATCH // 2, "zero_optimization": zero,
@@ -151,7 +87,7 @@ def _worker(rank: int, world: int, q: int, out: str) -> None:
     results: dict[str, Any] = {}
     for kind in MODELS:
         x, y = _data(kind)
-        half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        half = rank_part(rank, world)
         for name, zero in CONFIGS:
             engine, opt = zero3_engine(_model(kind), _ds_config(kind, zero, q))
             params = list(engine.module.parameters())
@@ -169,9 +105,11 @@ def _worker(rank: int, world: int, q: int, out: str) -> None:
                 assert engine.optimizer is None
             assert isinstance(opt.shards, DeepSpeedShards)
 
-            traffic = _Traffic()
             losses = []
-            with traffic:
+            # deepspeed.comm forwards to its TorchBackend, which looks most torch.distributed
+            # functions up at call time ("ds.X" then "torch.X"); its cached all-gather shows up
+            # as "ds.allgather_fn" and "backend.*" (tests/distributed/collectives.py).
+            with Collectives(deepspeed=True) as traffic:
                 for _ in range(STEPS):
                     losses.append(opt.step(traffic.closure(_closure(kind, engine, x[half], y[half]))))
             # Traffic: the optimizer's own collectives are one all-reduce of the loss pair per
@@ -179,9 +117,12 @@ def _worker(rank: int, world: int, q: int, out: str) -> None:
             # first two forwards) it also broadcasts module/parameter id lists to check that the
             # ranks agree (reset_step in runtime/zero/partitioned_param_coordinator.py); after
             # that, all-gathers only. Replicas' forwards communicate nothing.
-            assert traffic.optimizer == [("torch.all_reduce", (2,))] * (STEPS * q), traffic.optimizer
-            for t, calls in enumerate(traffic.forward):
-                ops = {n.split(".")[1] for n, _ in calls}
+            optimizer = [(c.qualified, c.shape) for c in traffic.optimizer]
+            # (After the first step's option check: one all-reduce of OPTION_CHECK_SHAPE.)
+            assert optimizer == [("torch.all_reduce", OPTION_CHECK_SHAPE)] + [("torch.all_reduce", (2,))] * (STEPS * q), \
+                optimizer
+            for t, calls in enumerate(traffic.forwards()):
+                ops = {c.name for c in calls}
                 assert "all_reduce" not in ops, (name, t, calls)
                 if t > 0:
                     assert not ops & REDUCING, (name, t, calls)
@@ -199,10 +140,7 @@ def _worker(rank: int, world: int, q: int, out: str) -> None:
                         assert torch.equal(p.ds_tensor[:valid], full[rank * ps:rank * ps + valid]), p.ds_summary()
                     else:
                         assert p.data.numel() == 0  # nothing stays gathered between steps
-            named = list(engine.module.named_parameters())
-            with deepspeed.zero.GatheredParameters([p for _, p in named], enabled=stage3):
-                final = {n: p.detach().clone().reshape(p.ds_shape if stage3 else p.shape) for n, p in named}
-            results[f"{kind}/{name}"] = {"losses": losses, "params": final}
+            results[f"{kind}/{name}"] = {"losses": losses, "params": full_params(engine.module)}
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -279,8 +217,7 @@ def _bf16_worker(rank: int, world: int, out: str) -> None:
            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": PERSIST["llama"]},
            "optimizer": {"type": "MeZO", "params": {"lr": 0.0, "eps": 1e-3, "master_weights": True}}}
     engine, opt = zero3_engine(model, cfg)
-    x, _ = _data("llama")
-    x = x[rank * BATCH // world:(rank + 1) * BATCH // world]
+    x = token_ids(vocab=262)[rank_part(rank, world)]
     for _ in range(3):
         opt.step(lambda: engine.module(input_ids=x, labels=x).loss)
     masters = [opt.state[p]["master"] for p in engine.module.parameters() if "master" in opt.state[p]]
@@ -299,7 +236,7 @@ def test_zero3_bf16_with_master_weights_restores_bitwise(tmp_path: Path) -> None
 def _client_worker(rank: int, world: int, out: str) -> None:
     os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
     x, y = _data("llama")
-    half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    half = rank_part(rank, world)
     zero = {"stage": 3, "stage3_param_persistence_threshold": PERSIST["llama"]}
     results = {}
     for how in ("json", "instance", "factory"):
@@ -316,8 +253,7 @@ def _client_worker(rank: int, world: int, out: str) -> None:
             engine, opt = zero3_engine(model, cfg, optimizer=client)
         assert isinstance(opt.shards, DeepSpeedShards)
         losses = [opt.step(_closure("llama", engine.module, x[half], y[half])) for _ in range(STEPS)]
-        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
-            results[how] = (losses, {n: p.detach().clone() for n, p in engine.module.named_parameters()})
+        results[how] = (losses, full_params(engine.module))
     for how in ("instance", "factory"):
         assert results[how][0] == results["json"][0], how
         for n, p in results["json"][1].items():

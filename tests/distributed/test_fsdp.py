@@ -10,28 +10,26 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
 
+from tests.distributed import builders
+from tests.distributed.builders import MODELS, full_params
+from tests.distributed.collectives import Collectives
 from tests.distributed.spawn import run
 from zoscale.engines import FSDPBuilder, FSDPEngine, FSDPShards, apply_fsdp, build_mesh
 from zoscale.engines.fsdp import chunk_rows, find_blocks
-from zoscale.models import tiny_llama
 from zoscale.optim import MeZO
+from zoscale.optim.base import OPTION_CHECK_SHAPE
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ, VOCAB = 4, 8, 12, 263
+STEPS = 4
 ATOL = 5e-5  # parameters against one process; derivation in _check_trajectory
 OPTIONS = dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11)
-MODELS = ("llama", "mlp")
-COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-               "reduce_scatter_single", "reduce_scatter", "reduce_scatter_tensor", "_reduce_scatter_base",
-               "broadcast", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv", "barrier",
-               "reduce", "gather", "scatter", "all_gather_object", "broadcast_object_list")
 
 
 @pytest.fixture(autouse=True)
@@ -41,93 +39,19 @@ def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
 
 
-def _model(kind: str) -> torch.nn.Module:
-    if kind == "llama":
-        return tiny_llama(vocab_size=VOCAB, seed=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
-
-
-def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    if kind == "llama":
-        ids = torch.randint(2, VOCAB, (BATCH, SEQ), generator=g)
-        return ids, ids
-    return torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 1, generator=g)
-
-
-def _closure(kind: str, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-    if kind == "llama":
-        return lambda: model(input_ids=x, labels=y).loss
-    return lambda: torch.nn.functional.mse_loss(model(x), y)
-
-
 def _micro_batch(kind: str, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = _data(kind)
-    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+    x, y = builders.batch(kind)
+    part = builders.rank_part(rank, world)
     return x[part], y[part]
 
 
 def _reference(kind: str, q: int) -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, the whole batch, no FSDP."""
-    model = _model(kind)
-    x, y = _data(kind)
+    model = builders.model(kind)
+    x, y = builders.batch(kind)
     opt = MeZO(model.named_parameters(), q=q, **OPTIONS)
-    losses = [opt.step(_closure(kind, model, x, y)) for _ in range(STEPS)]
+    losses = [opt.step(builders.loss(kind, model, x, y)) for _ in range(STEPS)]
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def _group_ranks(args: tuple, kwargs: dict) -> tuple[int, ...]:
-    group = kwargs.get("group")
-    if group is None:
-        group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
-
-
-class _Traffic:
-    """Records torch.distributed collectives (name, first tensor's shape, group ranks).
-
-    FSDP2 calls them through the ``torch.distributed`` module at call time
-    (``dist.all_gather_single`` in ``fsdp/_fully_shard/_fsdp_collectives.py``), so wrapping the
-    module's attributes sees them.
-    """
-
-    def __init__(self) -> None:
-        self.in_forward = False
-        self.optimizer: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
-        self.forward: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = []
-        self._saved: list[tuple[str, Any]] = []
-
-    def __enter__(self) -> "_Traffic":
-        for name in COLLECTIVES:
-            original = getattr(dist, name, None)
-            if original is None:
-                continue
-
-            def counted(*args: Any, _name: str = name, _fn: Any = original, **kwargs: Any) -> Any:
-                tensor = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-                record = (_name, tuple(tensor.shape) if tensor is not None else (), _group_ranks(args, kwargs))
-                (self.forward if self.in_forward else self.optimizer).append(record)
-                return _fn(*args, **kwargs)
-
-            self._saved.append((name, original))
-            setattr(dist, name, counted)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for name, original in reversed(self._saved):
-            setattr(dist, name, original)
-
-    def closure(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def marked() -> torch.Tensor:
-            self.in_forward = True
-            try:
-                return fn()
-            finally:
-                self.in_forward = False
-
-        return marked
 
 
 def _check_layout(model: torch.nn.Module, shards: FSDPShards) -> None:
@@ -153,30 +77,29 @@ def _train_worker(rank: int, world: int, q: int, hsdp: tuple[int, int] | None, o
     shard_ranks = tuple(sorted(int(r) for r in (mesh["shard"].mesh.flatten().tolist())))
     results: dict[str, Any] = {}
     for kind in MODELS:
-        model = apply_fsdp(_model(kind), mesh)
-        shards = FSDPShards(module=model)
-        _check_layout(model, shards)
-        opt = MeZO(model.named_parameters(), q=q, shards=shards, **OPTIONS)
+        model, opt = builders.fsdp(builders.model(kind), MeZO, mesh, q=q, **OPTIONS)
+        _check_layout(model, opt.shards)
         x, y = _micro_batch(kind, rank, world)
-        traffic = _Traffic()
         losses = []
-        with traffic:
+        with Collectives() as traffic:
             for _ in range(STEPS):
-                losses.append(opt.step(traffic.closure(_closure(kind, model, x, y))))
+                losses.append(opt.step(traffic.closure(builders.loss(kind, model, x, y))))
         # The optimizer's only collective: one all-reduce of the loss pair per query, over every
         # data-parallel rank (across replica groups under HSDP).
         world_ranks = tuple(range(world))
-        assert traffic.optimizer == [("all_reduce", (2,), world_ranks)] * (STEPS * q), traffic.optimizer
+        optimizer = [(c.name, c.shape, c.ranks) for c in traffic.optimizer]
+        # (After the first step's option check: one all-reduce of OPTION_CHECK_SHAPE, same group.)
+        assert optimizer == ([("all_reduce", OPTION_CHECK_SHAPE, world_ranks)]
+                             + [("all_reduce", (2,), world_ranks)] * (STEPS * q)), optimizer
         # Forwards all-gather parameters inside this rank's shard group, and do nothing else.
         assert traffic.forward, "FSDP forwards issued no all-gather"
-        for name, _, ranks in traffic.forward:
-            assert name in ("all_gather_single", "all_gather_into_tensor"), traffic.forward[:4]
-            assert ranks == shard_ranks, (ranks, shard_ranks)
+        for call in traffic.forward:
+            assert call.name in ("all_gather_single", "all_gather_into_tensor"), traffic.forward[:4]
+            assert call.ranks == shard_ranks, (call.ranks, shard_ranks)
         # Nothing stays gathered between steps (the root resharded): modules hold DTensors.
         assert all(isinstance(p, DTensor) for p in model.parameters())
         local = {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
-        full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        results[kind] = {"losses": losses, "params": full, "local": local}
+        results[kind] = {"losses": losses, "params": full_params(model), "local": local}
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -197,7 +120,7 @@ def _check_trajectory(ranks: list[dict[str, Any]], q: int) -> None:
             assert set(got["params"]) == set(ref_params), kind
             for n, p in ref_params.items():
                 torch.testing.assert_close(got["params"][n], p, rtol=0, atol=ATOL, msg=f"{kind} {n} rank {r}")
-        init = dict(_model(kind).named_parameters())
+        init = dict(builders.model(kind).named_parameters())
         moved = max((p - init[n].detach()).abs().max().item() for n, p in ref_params.items())
         assert moved > 20 * ATOL, (kind, moved)
         # Embeddings (tied with lm_head) are trained too: the root resharded after forward.
@@ -232,7 +155,7 @@ def _root_worker(rank: int, world: int, out: str) -> None:
     x, _ = _micro_batch("llama", rank, world)
     changed, gathered = {}, {}
     for how in ("apply_fsdp", "root_default"):
-        model = _model("llama")
+        model = builders.model("llama")
         if how == "apply_fsdp":
             apply_fsdp(model, mesh)
         else:  # what a plain fully_shard(root) does: no reshard_after_forward for the root
@@ -262,7 +185,7 @@ def test_root_reshards_so_embedding_edits_reach_the_next_forward(tmp_path: Path)
 
 
 def _bf16_worker(rank: int, world: int, out: str) -> None:
-    model = apply_fsdp(_model("llama"), build_mesh(), param_dtype=torch.bfloat16)
+    model = apply_fsdp(builders.model("llama"), build_mesh(), param_dtype=torch.bfloat16)
     shards = FSDPShards(module=model)
     opt = MeZO(model.named_parameters(), lr=2e-3, eps=1e-3, seed=5, master_weights=False, shards=shards)
     x, y = _micro_batch("llama", rank, world)
@@ -301,20 +224,19 @@ def _checkpoint_worker(rank: int, world: int, out: str) -> None:
     options = {**OPTIONS, "master_weights": True}
 
     def fresh() -> tuple[torch.nn.Module, MeZO]:
-        model = apply_fsdp(_model("llama"), mesh)
-        return model, MeZO(model.named_parameters(), shards=FSDPShards(module=model), **options)
+        return builders.fsdp(builders.model("llama"), MeZO, mesh, **options)
 
     model, opt = fresh()
     for _ in range(2):
-        opt.step(_closure("llama", model, x, y))
+        opt.step(builders.loss("llama", model, x, y))
     path = save_checkpoint(root, 2, opt, rank, world, keep=2)
-    losses = [opt.step(_closure("llama", model, x, y)) for _ in range(2)]
+    losses = [opt.step(builders.loss("llama", model, x, y)) for _ in range(2)]
     final = {n: p.to_local().clone() for n, p in model.named_parameters()}
 
     model2, opt2 = fresh()
     assert load_checkpoint(path, opt2, rank, world) == 2
     assert opt2.step_count == 2
-    losses2 = [opt2.step(_closure("llama", model2, x, y)) for _ in range(2)]
+    losses2 = [opt2.step(builders.loss("llama", model2, x, y)) for _ in range(2)]
     assert losses2 == losses
     for n, p in model2.named_parameters():
         assert torch.equal(p.to_local(), final[n]), n
@@ -330,7 +252,7 @@ def _consolidate_worker(rank: int, world: int, out: str) -> None:
     builder = FSDPBuilder()
     assert builder.name == "fsdp"
     with builder.loading():
-        model = _model("llama")
+        model = builders.model("llama")
     stale = model.model.norm.weight
     engine = builder.build(model)
     assert isinstance(engine, FSDPEngine) and engine.module is model
@@ -340,8 +262,8 @@ def _consolidate_worker(rank: int, world: int, out: str) -> None:
     opt = MeZO(engine.module.named_parameters(), shards=engine.shards, **OPTIONS)
     x, y = _micro_batch("llama", rank, world)
     for _ in range(2):
-        opt.step(_closure("llama", engine.module, x, y))
-    full = {n: p.full_tensor().detach().clone() for n, p in engine.module.named_parameters()}
+        opt.step(builders.loss("llama", engine.module, x, y))
+    full = full_params(engine.module)
     assert engine.all_reduce_sum(torch.ones(1)).item() == world
     path = Path(out) / "hf"
     engine.save_pretrained(path, None)
@@ -352,7 +274,7 @@ def _consolidate_worker(rank: int, world: int, out: str) -> None:
         for n, t in full.items():
             assert torch.equal(got[n].detach(), t), n
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
-        init = dict(_model("llama").named_parameters())
+        init = dict(builders.model("llama").named_parameters())
         assert any(not torch.equal(t, init[n].detach()) for n, t in full.items())
 
 

@@ -13,23 +13,23 @@ import os
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import functools  # noqa: E402
-import gc  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
+from tests.distributed import builders  # noqa: E402
+from tests.distributed.builders import full_params, lm_loss, token_ids, zero3_config  # noqa: E402
+from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.engines.fsdp import FSDPShards, apply_fsdp, build_mesh  # noqa: E402
-from zoscale.models import tiny_llama  # noqa: E402
+from zoscale.engines.fsdp import build_mesh  # noqa: E402
+from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
 from zoscale.optim.hybrid import HybridZOFO  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ, VOCAB = 4, 8, 12, 263
+STEPS = 4
 ATOL = 5e-5  # parameters against one process; derivation in _check_trajectory
 OPTIONS = dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11, fo_params=["layers.1.", "model.norm"],
                fo_optimizer="adamw", fo_lr=2e-3, fo_weight_decay=0.01)
@@ -40,57 +40,16 @@ def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")  # inherited by the spawned ranks
 
 
-def _worker(fn: Callable[..., None]) -> Callable[..., None]:
-    """Collect the worker's garbage before spawn.py destroys the process group (see test_fsdp.py)."""
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any) -> None:
-        try:
-            fn(*args)
-        finally:
-            gc.collect()
-
-    return wrapped
-
-
-def _model() -> torch.nn.Module:
-    return tiny_llama(vocab_size=VOCAB, seed=0)
-
-
 def _ids(rank: int = 0, world: int = 1) -> torch.Tensor:
-    ids = torch.randint(2, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
-    return ids[rank * BATCH // world:(rank + 1) * BATCH // world]
-
-
-def _closure(model: torch.nn.Module, ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: model(input_ids=ids, labels=ids).loss
+    return token_ids()[builders.rank_part(rank, world)]
 
 
 def _reference() -> tuple[list[float], dict[str, torch.Tensor]]:
     """One process, the whole batch, no engine."""
-    model = _model()
+    model = builders.llama()
     opt = HybridZOFO(model.named_parameters(), **OPTIONS)
-    losses = [opt.step(_closure(model, _ids())) for _ in range(STEPS)]
+    losses = [opt.step(lm_loss(model, _ids())) for _ in range(STEPS)]
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-class _AllReduces:
-    """Records the shapes of the all-reduces issued while active."""
-
-    def __init__(self) -> None:
-        self.shapes: list[tuple[int, ...]] = []
-        self._original = dist.all_reduce
-
-    def __enter__(self) -> "_AllReduces":
-        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.shapes.append(tuple(tensor.shape))
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counted
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        dist.all_reduce = self._original
 
 
 def _spy_grads(model: torch.nn.Module, opt: HybridZOFO) -> list[set[str]]:
@@ -106,31 +65,24 @@ def _spy_grads(model: torch.nn.Module, opt: HybridZOFO) -> list[set[str]]:
     return seen
 
 
-@_worker
 def _train_worker(rank: int, world: int, engine: str, out: str) -> None:
     from zoscale.train.checkpoint import load_checkpoint, save_checkpoint
 
     mesh = build_mesh() if engine == "fsdp" else None
 
     def fresh() -> tuple[torch.nn.Module, HybridZOFO]:
-        model = _model()
+        model = builders.llama()
         if engine == "fsdp":
-            model = apply_fsdp(model, mesh)
-            return model, HybridZOFO(model.named_parameters(), shards=FSDPShards(module=model), **OPTIONS)
+            return builders.fsdp(model, HybridZOFO, mesh, **OPTIONS)
         return model, HybridZOFO(model.named_parameters(), **OPTIONS)
-
-    def full(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        if engine == "fsdp":
-            return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     ids = _ids(rank, world)
     model, opt = fresh()
     seen = _spy_grads(model, opt)
     losses = []
-    with _AllReduces() as reduces:
+    with all_reduces() as reduces:
         for step in range(STEPS):
-            losses.append(opt.step(_closure(model, ids)))
+            losses.append(opt.step(lm_loss(model, ids)))
             if step == 1:
                 save_checkpoint(Path(out) / "ckpt", 2, opt, rank, world, keep=1)
     fo = set(opt.fo_names)
@@ -141,7 +93,8 @@ def _train_worker(rank: int, world: int, engine: str, out: str) -> None:
     # The optimizer's all-reduces per step: the FO loss, then (replicas only) one per FO
     # gradient, then the loss pair. FSDP2 reduces the FO gradients inside backward instead.
     per_step = [(1,)] + ([] if engine == "fsdp" else [tuple(p.shape) for p in opt.fo_optimizer.param_groups[0]["params"]])
-    assert reduces.shapes == (per_step + [(2,)]) * STEPS, reduces.shapes
+    # (After the first step's option check: one all-reduce of OPTION_CHECK_SHAPE.)
+    assert shapes(reduces.calls) == [OPTION_CHECK_SHAPE] + (per_step + [(2,)]) * STEPS, reduces.calls
     if engine == "fsdp":
         from torch.distributed.tensor import DTensor
 
@@ -152,11 +105,11 @@ def _train_worker(rank: int, world: int, engine: str, out: str) -> None:
     # AdamW moments (saved as local shards, rewrapped as DTensors) come back exactly.
     model2, opt2 = fresh()
     assert load_checkpoint(Path(out) / "ckpt" / "step_00000002", opt2, rank, world) == 2
-    resumed = [opt2.step(_closure(model2, ids)) for _ in range(STEPS - 2)]
+    resumed = [opt2.step(lm_loss(model2, ids)) for _ in range(STEPS - 2)]
     assert resumed == losses[2:], (resumed, losses)
-    for (n, a), b in zip(full(model).items(), full(model2).values()):
+    for (n, a), b in zip(full_params(model).items(), full_params(model2).values()):
         assert torch.equal(a, b), n
-    torch.save({"losses": losses, "params": full(model)}, f"{out}/rank{rank}.pt")
+    torch.save({"losses": losses, "params": full_params(model)}, f"{out}/rank{rank}.pt")
 
 
 def _check_trajectory(ranks: list[dict[str, Any]]) -> None:
@@ -174,8 +127,8 @@ def _check_trajectory(ranks: list[dict[str, Any]]) -> None:
         assert got["losses"] == pytest.approx(ref_losses, rel=1e-5)
         for n, p in ref_params.items():
             torch.testing.assert_close(got["params"][n], p, rtol=0, atol=ATOL, msg=f"{n} rank {r}")
-    init = dict(_model().named_parameters())
-    fo = set(HybridZOFO(_model().named_parameters(), **OPTIONS).fo_names)
+    init = dict(builders.llama().named_parameters())
+    fo = set(HybridZOFO(builders.llama().named_parameters(), **OPTIONS).fo_names)
     for part in (fo, set(ref_params) - fo):
         moved = max((ref_params[n] - init[n].detach()).abs().max().item() for n in part)
         assert moved > 20 * ATOL, moved
@@ -187,16 +140,14 @@ def test_two_ranks_follow_the_single_process_trajectory_and_resume(tmp_path: Pat
     _check_trajectory([torch.load(tmp_path / f"rank{r}.pt") for r in range(2)])
 
 
-@_worker
 def _zero3_worker(rank: int, world: int, out: str) -> None:
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     from zoscale.engines.deepspeed import DeepSpeedEngine, zero3_engine
 
-    cfg = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 3,
-                                                                        "stage3_param_persistence_threshold": 0}}
-    wrapped = DeepSpeedEngine(_model(), cfg)
+    cfg = zero3_config(4)
+    wrapped = DeepSpeedEngine(builders.llama(), cfg)
     module = wrapped.module
     before = {n: (p.ds_tensor.detach().clone(), p.requires_grad) for n, p in module.named_parameters()}
     with pytest.raises(ValueError, match="Invalid engine: DeepSpeed ZeRO-3 .*DeepSpeedShards"):
@@ -205,7 +156,7 @@ def _zero3_worker(rank: int, world: int, out: str) -> None:
         assert torch.equal(p.ds_tensor, before[n][0]) and p.requires_grad == before[n][1], n
     # Through zero3_engine with a client optimizer factory, as a DeepSpeed user would write it.
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
-        zero3_engine(_model(), cfg, optimizer=lambda named: HybridZOFO(named, **OPTIONS))
+        zero3_engine(builders.llama(), cfg, optimizer=lambda named: HybridZOFO(named, **OPTIONS))
 
 
 def test_deepspeed_zero3_construction_fails_naming_the_engine(tmp_path: Path) -> None:

@@ -6,33 +6,32 @@ row 3 is held by both ranks; the 1 x 7 weight splits 4 + 3 inside its only row).
 whole rows (7 -> 4 + 3; the 1-row weight leaves rank 1 an empty shard). Both must give the
 one-process trajectory, and LOZO-M's momentum rows held by two ranks must stay identical.
 DeepSpeed is told to use the CPU accelerator and not to JIT-build its shared-memory comm op
-before anything imports it (see tests/distributed/test_deepspeed.py).
+before anything imports it (tests/distributed/cpu_deepspeed.py).
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from tests.distributed.cpu_deepspeed import import_deepspeed
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import_deepspeed()  # before anything imports DeepSpeed
 
-deepspeed = pytest.importorskip("deepspeed")
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
+from tests.distributed import builders  # noqa: E402
+from tests.distributed.builders import BATCH, MODELS, full_params  # noqa: E402
+from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.engines import DeepSpeedShards, FSDPShards, apply_fsdp, build_mesh, zero3_engine  # noqa: E402
-from zoscale.models import tiny_llama  # noqa: E402
+from zoscale.engines import DeepSpeedShards  # noqa: E402
+from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
 from zoscale.optim.lozo import LOZO, LOZOM, row_range  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ, VOCAB = 5, 8, 12, 263
+STEPS = 5
 ATOL = 5e-5  # parameters against one process; derivation in the test
 MOMENTUM_ATOL = 2e-3  # LOZO-M momentum against one process; derivation in the test
 # nu = 2: V is drawn at steps 0, 2, 4, so LOZO-M projects its momentum twice.
@@ -42,7 +41,6 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
                            master_weights=True)),
 }
 ENGINES = ("zero3", "fsdp")
-MODELS = ("llama", "mlp")
 
 
 @pytest.fixture(autouse=True)
@@ -50,28 +48,6 @@ def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
     # Inherited by the spawned ranks; the in-process reference uses the same kernels, so every
     # run draws bit-identical U, V and z (and no rank spends time compiling).
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
-
-
-def _model(kind: str) -> torch.nn.Module:
-    if kind == "llama":
-        return tiny_llama(vocab_size=VOCAB, seed=0)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 1))
-
-
-def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    if kind == "llama":
-        ids = torch.randint(2, VOCAB, (BATCH, SEQ), generator=g)
-        return ids, ids
-    return torch.randn(BATCH, 5, generator=g), torch.randn(BATCH, 1, generator=g)
-
-
-def _closure(kind: str, forward: Callable[..., Any], x: torch.Tensor, y: torch.Tensor) -> Callable[[], torch.Tensor]:
-    if kind == "llama":
-        return lambda: forward(input_ids=x, labels=y).loss
-    return lambda: torch.nn.functional.mse_loss(forward(x), y)
 
 
 def _momentum(opt: Any) -> dict[str, dict[str, Any]]:
@@ -90,75 +66,35 @@ def _momentum(opt: Any) -> dict[str, dict[str, Any]]:
 def _reference(kind: str, name: str) -> tuple[list[float], dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
     """One process, the whole batch, no engine."""
     cls, options = OPTIMIZERS[name]
-    model = _model(kind)
-    x, y = _data(kind)
+    model = builders.model(kind)
+    x, y = builders.batch(kind)
     opt = cls(model.named_parameters(), **options)
-    losses = [opt.step(_closure(kind, model, x, y)) for _ in range(STEPS)]
+    losses = [opt.step(builders.loss(kind, model, x, y)) for _ in range(STEPS)]
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}, _momentum(opt)
-
-
-class _OptimizerAllReduces:
-    """Records the shapes of ``torch.distributed.all_reduce`` calls made outside the closure."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, ...]] = []
-        self.in_forward = False
-
-    def __enter__(self) -> "_OptimizerAllReduces":
-        self._original = dist.all_reduce
-
-        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if not self.in_forward:
-                self.calls.append(tuple(tensor.shape))
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counted
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        dist.all_reduce = self._original
-
-    def closure(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def marked() -> torch.Tensor:
-            self.in_forward = True
-            try:
-                return fn()
-            finally:
-                self.in_forward = False
-
-        return marked
 
 
 def _worker(rank: int, world: int, out: str) -> None:
     results: dict[str, Any] = {}
     for engine_name in ENGINES:
         for kind in MODELS:
-            x, y = _data(kind)
-            half = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+            x, y = builders.batch(kind)
+            half = builders.rank_part(rank, world)
             for name, (cls, options) in OPTIMIZERS.items():
                 if engine_name == "zero3":
-                    cfg = {"train_micro_batch_size_per_gpu": BATCH // world,
-                           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-                    engine, opt = zero3_engine(_model(kind), cfg, optimizer=lambda named: cls(named, **options))
+                    engine, opt = builders.zero3(builders.model(kind), BATCH // world, cls, **options)
                     module, forward = engine.module, engine
                     assert isinstance(opt.shards, DeepSpeedShards)
                 else:
-                    module = forward = apply_fsdp(_model(kind), build_mesh())
-                    opt = cls(module.named_parameters(), shards=FSDPShards(module=module), **options)
+                    module, opt = builders.fsdp(builders.model(kind), cls, **options)
+                    forward = module
                 assert all(not e.view.replicated for e in opt.shard_entries()), engine_name
-                counter = _OptimizerAllReduces()
-                with counter:
-                    losses = [opt.step(counter.closure(_closure(kind, forward, x[half], y[half])))
+                with all_reduces() as counter:
+                    losses = [opt.step(counter.closure(builders.loss(kind, forward, x[half], y[half])))
                               for _ in range(STEPS)]
                 # The optimizer's only collective: one all-reduce of the loss pair per step.
-                assert counter.calls == [(2,)] * STEPS, counter.calls
-                if engine_name == "zero3":
-                    named = list(module.named_parameters())
-                    with deepspeed.zero.GatheredParameters([p for _, p in named]):
-                        params = {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
-                else:
-                    params = {n: p.full_tensor().detach().clone() for n, p in module.named_parameters()}
-                results[f"{engine_name}/{kind}/{name}"] = {"losses": losses, "params": params,
+                # (After the first step's option check: one all-reduce of OPTION_CHECK_SHAPE.)
+                assert shapes(counter.optimizer) == [OPTION_CHECK_SHAPE] + [(2,)] * STEPS, counter.optimizer
+                results[f"{engine_name}/{kind}/{name}"] = {"losses": losses, "params": full_params(module),
                                                          "momentum": _momentum(opt)}
     torch.save(results, f"{out}/rank{rank}.pt")
 
@@ -186,7 +122,7 @@ def test_lozo_and_lozo_m_on_zero3_and_fsdp_follow_the_single_process_trajectory(
     for kind in MODELS:
         for name in OPTIMIZERS:
             ref_losses, ref_params, ref_momentum = _reference(kind, name)
-            init = dict(_model(kind).named_parameters())
+            init = dict(builders.model(kind).named_parameters())
             moved = max((p - init[n].detach()).abs().max().item() for n, p in ref_params.items())
             assert moved > 20 * ATOL, (kind, name, moved)
             for engine_name in ENGINES:

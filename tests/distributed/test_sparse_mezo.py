@@ -17,36 +17,34 @@ steps, the whole-batch fp32 mean (a few ulp from the engines' loss) flips such e
 second step on: parameters end ~1e-3 apart (measured), while MeZO stays within 1.1e-5.
 
 DeepSpeed is told to use the CPU accelerator and not to JIT-build its shared-memory comm op
-(test_deepspeed.py explains why), before anything imports it. Ranks and the in-process reference
+(cpu_deepspeed.py explains why), before anything imports it. Ranks and the in-process reference
 use the eager noise kernels (no compile per spawned process; identical z everywhere).
 """
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
 
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from tests.distributed.cpu_deepspeed import import_deepspeed
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import_deepspeed()  # before anything imports DeepSpeed
 
-deepspeed = pytest.importorskip("deepspeed")
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
+from tests.distributed import builders  # noqa: E402
+from tests.distributed.builders import BATCH, full_params, lm_loss, token_ids  # noqa: E402
+from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.engines import DeepSpeedShards, zero3_engine  # noqa: E402
-from zoscale.engines.fsdp import FSDPShards, apply_fsdp, build_mesh  # noqa: E402
-from zoscale.models import tiny_llama  # noqa: E402
+from zoscale.engines import DeepSpeedShards  # noqa: E402
+from zoscale.engines.fsdp import build_mesh  # noqa: E402
 from zoscale.optim.sparse_mezo import SparseMeZO  # noqa: E402
 from zoscale.shards import LocalShards  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ, VOCAB = 4, 8, 12, 263
+STEPS = 4
 ATOL = 5e-5  # parameters against one process: derivation in test_deepspeed.py, recalled below
 SPARSITY = 0.8
 OPTIONS = dict(lr=2e-3, eps=1e-3, weight_decay=0.01, seed=11, sparsity=SPARSITY)
@@ -60,7 +58,7 @@ def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _model() -> torch.nn.Module:
     """The tiny Llama (263 vocabulary rows: 132 + 131 on FSDP2), with ties in one tensor."""
-    model = tiny_llama(vocab_size=VOCAB, seed=0)
+    model = builders.llama()
     with torch.no_grad():
         w = model.model.layers[0].mlp.up_proj.weight
         w.copy_((w * 16).round() / 16)  # a few distinct magnitudes: many ties at h
@@ -78,45 +76,13 @@ def _reference_thresholds() -> dict[str, float]:
     return out
 
 
-def _data() -> torch.Tensor:
-    return torch.randint(2, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
-
-
-def _closure(forward: Callable[..., Any], ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: forward(input_ids=ids, labels=ids).loss
-
-
-class _AllReduces:
-    """Records the shapes of ``torch.distributed.all_reduce`` calls."""
-
-    def __enter__(self) -> list[tuple[int, ...]]:
-        self.calls: list[tuple[int, ...]] = []
-        self._original = dist.all_reduce
-
-        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            self.calls.append(tuple(tensor.shape))
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counted
-        return self.calls
-
-    def __exit__(self, *exc: Any) -> None:
-        dist.all_reduce = self._original
-
-
-def _zero3(persist: int) -> tuple[Any, SparseMeZO]:
-    cfg = {"train_micro_batch_size_per_gpu": BATCH // 2,
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": persist}}
-    return zero3_engine(_model(), cfg, optimizer=lambda named: SparseMeZO(named, **OPTIONS))
-
-
 def _threshold_worker(rank: int, world: int, out: str) -> None:
     expected = _reference_thresholds()
     results = {}
 
     def zero3(persist: int) -> Callable[[], tuple[SparseMeZO, Callable[[], bool]]]:
         def make() -> tuple[SparseMeZO, Callable[[], bool]]:
-            engine, opt = _zero3(persist)
+            engine, opt = builders.zero3(_model(), BATCH // 2, SparseMeZO, persist, **OPTIONS)
             assert isinstance(opt.shards, DeepSpeedShards)
             persistent = [getattr(p, "ds_persist", False) for p in engine.module.parameters()]
             # Both kinds in the same all-reduces: partitions (held once) and replicas (twice).
@@ -126,12 +92,10 @@ def _threshold_worker(rank: int, world: int, out: str) -> None:
 
     def fsdp(hsdp: tuple[int, int] | None) -> Callable[[], tuple[SparseMeZO, Callable[[], bool]]]:
         def make() -> tuple[SparseMeZO, Callable[[], bool]]:
-            model = apply_fsdp(_model(), build_mesh(hsdp))
-            shards = FSDPShards(module=model)
-            opt = SparseMeZO(model.named_parameters(), shards=shards, **OPTIONS)
+            model, opt = builders.fsdp(_model(), SparseMeZO, build_mesh(hsdp), **OPTIONS)
             # FSDP: every rank holds part of each tensor. HSDP (2 x 1): every rank holds all of
             # it, and the loss group (the world) holds each element twice.
-            full = [shards.view(p).local.numel() == p.numel() for p in model.parameters()]
+            full = [opt.shards.view(p).local.numel() == p.numel() for p in model.parameters()]
             return opt, lambda: all(full) == (hsdp is not None)
         return make
 
@@ -144,12 +108,12 @@ def _threshold_worker(rank: int, world: int, out: str) -> None:
     for name, make in setups.items():
         opt, layout_ok = make()
         assert layout_ok(), name
-        with _AllReduces() as calls:
+        with all_reduces() as calls:
             assert opt.ensure_thresholds()
             assert not opt.ensure_thresholds()  # fixed once
         # One all-reduce per radix round (fp32: 4), for all tensors together.
         n_tensors = len(expected)
-        assert calls == [(n_tensors, 257)] * 4, (name, calls)
+        assert shapes(calls.calls) == [(n_tensors, 257)] * 4, (name, calls.calls)
         results[name] = opt.thresholds()
     for name, got in results.items():
         assert got == expected, (name, {n: (got.get(n), h) for n, h in expected.items() if got.get(n) != h})
@@ -177,7 +141,7 @@ def _reference(master: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
     """
     torch.set_num_threads(1)
     model = _model()
-    halves = _data().chunk(2)
+    halves = token_ids().chunk(2)
     opt = SparseMeZO(model.named_parameters(), master_weights=master, **OPTIONS)
     closure = lambda: sum(model(input_ids=h, labels=h).loss.double() for h in halves) / 2  # noqa: E731
     losses = [opt.step(closure) for _ in range(STEPS)]
@@ -185,26 +149,18 @@ def _reference(master: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
 
 
 def _train_worker(rank: int, world: int, out: str) -> None:
-    ids = _data()[rank * BATCH // world:(rank + 1) * BATCH // world]
+    ids = token_ids()[builders.rank_part(rank, world)]
     results: dict[str, Any] = {}
     for master in (False, True):
-        cfg = {"train_micro_batch_size_per_gpu": BATCH // world,
-               "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-        engine, opt = zero3_engine(_model(), cfg, optimizer=lambda named: SparseMeZO(  # noqa: B023
-            named, master_weights=master, **OPTIONS))
-        losses = [opt.step(_closure(engine, ids)) for _ in range(STEPS)]
-        named = list(engine.module.named_parameters())
-        with deepspeed.zero.GatheredParameters([p for _, p in named]):
-            params = {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
-        results[f"zero3/{master}"] = {"losses": losses, "params": params, "thresholds": opt.thresholds()}
+        engine, opt = builders.zero3(_model(), BATCH // world, SparseMeZO, master_weights=master, **OPTIONS)
+        losses = [opt.step(lm_loss(engine, ids)) for _ in range(STEPS)]
+        results[f"zero3/{master}"] = {"losses": losses, "params": full_params(engine.module),
+                                      "thresholds": opt.thresholds()}
         del engine, opt
 
-        model = apply_fsdp(_model(), build_mesh())
-        opt = SparseMeZO(model.named_parameters(), shards=FSDPShards(module=model), master_weights=master,
-                         **OPTIONS)
-        losses = [opt.step(_closure(model, ids)) for _ in range(STEPS)]
-        params = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-        results[f"fsdp/{master}"] = {"losses": losses, "params": params, "thresholds": opt.thresholds()}
+        model, opt = builders.fsdp(_model(), SparseMeZO, master_weights=master, **OPTIONS)
+        losses = [opt.step(lm_loss(model, ids)) for _ in range(STEPS)]
+        results[f"fsdp/{master}"] = {"losses": losses, "params": full_params(model), "thresholds": opt.thresholds()}
         del model, opt
     torch.save(results, f"{out}/rank{rank}.pt")
 

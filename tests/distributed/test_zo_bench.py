@@ -11,28 +11,26 @@ bit-identical z.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any, Callable
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+import pytest
+import torch
 
-import functools  # noqa: E402
-import gc  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+from tests.distributed.cpu_deepspeed import import_deepspeed
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import_deepspeed()  # before anything imports DeepSpeed
 
-deepspeed = pytest.importorskip("deepspeed")
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
+from tests.distributed import builders  # noqa: E402
+from tests.distributed.builders import BATCH, full_params, lm_loss, token_ids  # noqa: E402
+from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.models import tiny_llama  # noqa: E402
+from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
 from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
-STEPS, BATCH, SEQ, VOCAB = 4, 8, 12, 263
+STEPS = 4
 ATOL = 5e-5  # parameters against one process; derivation in the test
 COMMON = dict(eps=1e-3, weight_decay=0.01, seed=11)
 # name -> (class, options). Master weights on for two of them: both restore paths run sharded.
@@ -45,72 +43,28 @@ OPTIMIZERS: dict[str, tuple[type, dict[str, Any]]] = {
 STATE = {"mmt": ("momentum_buffer",), "adam": ("exp_avg", "exp_avg_sq")}
 
 
-def _model() -> torch.nn.Module:
-    return tiny_llama(vocab_size=VOCAB, seed=0)  # 263 embedding rows: uneven shards
-
-
-def _data() -> torch.Tensor:
-    return torch.randint(2, VOCAB, (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
-
-
-def _closure(forward: Callable[..., Any], ids: torch.Tensor) -> Callable[[], torch.Tensor]:
-    return lambda: forward(input_ids=ids, labels=ids).loss
-
-
 def _reference(name: str) -> dict[str, Any]:
     """One process, the whole batch, no engine."""
     os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
     cls, options = OPTIMIZERS[name]
-    model = _model()
+    model = builders.llama()
     opt = cls(model.named_parameters(), **options)
-    losses = [opt.step(_closure(model, _data())) for _ in range(STEPS)]
+    losses = [opt.step(lm_loss(model, token_ids())) for _ in range(STEPS)]
     named = dict(model.named_parameters())
     return {"losses": losses, "log": opt.step_log,
             "params": {n: p.detach().clone() for n, p in named.items()},
             "state": {n: {k: opt.state[p][k].clone() for k in STATE.get(name, ())} for n, p in named.items()}}
 
 
-class _AllReduces:
-    """Records the shapes of ``torch.distributed.all_reduce`` calls made outside the closure."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[int, ...]] = []
-        self.in_forward = False
-
-    def __enter__(self) -> "_AllReduces":
-        self._original = dist.all_reduce
-
-        def counted(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if not self.in_forward:
-                self.calls.append(tuple(tensor.shape))
-            return self._original(tensor, *args, **kwargs)
-
-        dist.all_reduce = counted
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        dist.all_reduce = self._original
-
-    def closure(self, fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        def marked() -> torch.Tensor:
-            self.in_forward = True
-            try:
-                return fn()
-            finally:
-                self.in_forward = False
-
-        return marked
-
-
 def _train(name: str, opt: Any, forward: Callable[..., Any], params: dict[str, torch.nn.Parameter], rank: int,
            world: int) -> dict[str, Any]:
-    part = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
-    ids = _data()[part]
-    with _AllReduces() as reduces:
-        losses = [opt.step(reduces.closure(_closure(forward, ids))) for _ in range(STEPS)]
+    ids = token_ids()[builders.rank_part(rank, world)]
+    with all_reduces() as reduces:
+        losses = [opt.step(reduces.closure(lm_loss(forward, ids))) for _ in range(STEPS)]
     # The optimizer's traffic: the loss pair per step; ZO-SGD-Cons also [L0, L(c-), L(c+)].
     per_step = [(2,), (3,)] if name == "cons" else [(2,)]
-    assert reduces.calls == per_step * STEPS, reduces.calls
+    # (After the first step's option check: one all-reduce of OPTION_CHECK_SHAPE.)
+    assert shapes(reduces.optimizer) == [OPTION_CHECK_SHAPE] + per_step * STEPS, reduces.optimizer
     state = {}
     for n, p in params.items():
         view = opt.shards.view(p)
@@ -122,44 +76,19 @@ def _train(name: str, opt: Any, forward: Callable[..., Any], params: dict[str, t
     return {"losses": losses, "log": opt.step_log, "state": state}
 
 
-def _collect_garbage(fn: Callable[..., None]) -> Callable[..., None]:
-    """FSDP modules sit in reference cycles; free them before the process group goes."""
-
-    @functools.wraps(fn)
-    def wrapped(*args: Any) -> None:
-        try:
-            fn(*args)
-        finally:
-            gc.collect()
-
-    return wrapped
-
-
-@_collect_garbage
 def _worker(rank: int, world: int, engine: str, out: str) -> None:
     os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
     results: dict[str, Any] = {}
     for name, (cls, options) in OPTIMIZERS.items():
         if engine == "zero3":
-            from zoscale.engines import zero3_engine
-
-            config = {"train_micro_batch_size_per_gpu": BATCH // world,
-                      "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
-            ds_engine, opt = zero3_engine(_model(), config, optimizer=lambda named: cls(named, **options))
-            module = ds_engine.module
-            params = dict(module.named_parameters())
-            assert all(p.data.numel() == 0 for p in params.values())  # everything sharded
-            res = _train(name, opt, ds_engine, params, rank, world)
-            with deepspeed.zero.GatheredParameters(list(params.values())):
-                res["params"] = {n: p.detach().clone() for n, p in params.items()}
+            forward, opt = builders.zero3(builders.llama(), BATCH // world, cls, **options)
+            module = forward.module
+            assert all(p.data.numel() == 0 for p in module.parameters())  # everything sharded
         else:
-            from zoscale.engines import FSDPShards, apply_fsdp, build_mesh
-
-            module = apply_fsdp(_model(), build_mesh())
-            params = dict(module.named_parameters())
-            opt = cls(params.items(), shards=FSDPShards(module=module), **options)
-            res = _train(name, opt, module, params, rank, world)
-            res["params"] = {n: p.full_tensor().detach().clone() for n, p in params.items()}
+            module, opt = builders.fsdp(builders.llama(), cls, **options)
+            forward = module
+        res = _train(name, opt, forward, dict(module.named_parameters()), rank, world)
+        res["params"] = full_params(module)
         results[name] = res
     torch.save(results, f"{out}/rank{rank}.pt")
 
@@ -170,7 +99,7 @@ def test_zo_bench_optimizers_follow_the_single_process_trajectory(tmp_path: Path
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
     run(_worker, 2, engine, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    init = dict(_model().named_parameters())
+    init = dict(builders.llama().named_parameters())
     for name in OPTIMIZERS:
         ref = _reference(name)
         got = ranks[0][name]

@@ -10,6 +10,9 @@ derivative from two forward passes and moves along the same random direction:
         g_k = (l+ - l-) / (2 eps)                                  (projected gradient)
         theta <- (1 - lr/q wd)(theta + eps z_k) - lr/q g_k z_k     (pass 3: restore + update)
 
+At the first step, before any pass, the ranks also check once that they agree on the options
+(one all-reduce of a hash: :meth:`ZOOptimizer.check_options_agree`).
+
 ``z_k`` is never stored: every pass regenerates it from ``(seed, step, k, tensor id)`` for the
 rank's own shard (``zoscale.noise``), so each rank touches only the elements it holds. With
 ``master_weights=True`` an fp32 copy of each local shard is kept; passes then write the compute
@@ -30,6 +33,7 @@ Departures from the papers, all documented and tested:
 from __future__ import annotations
 
 import copy
+import hashlib
 import math
 import time
 from collections import defaultdict
@@ -42,7 +46,7 @@ import torch.distributed as dist
 from zoscale import noise
 from zoscale.shards import LocalShards, ShardProvider, ShardView, canonical_name
 
-__all__ = ["ZOOptimizer", "NonFiniteLossError", "ShardEntry"]
+__all__ = ["ZOOptimizer", "NonFiniteLossError", "ShardEntry", "OPTION_CHECK_SHAPE"]
 
 Closure = Callable[[], Any]
 
@@ -84,13 +88,78 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _equal(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. tensors of other shapes: not the same option
+        return False
+
+
+#: Shape of the one all-reduce (int64, MAX) that checks, at the first step, that every rank of the
+#: loss group has the same options: two 62-bit hashes of them and their negations. The MAX of a
+#: hash equals minus the MAX of its negation (its MIN) exactly when every rank has that hash.
+OPTION_CHECK_SHAPE = (4,)
+_HASH_MASK = (1 << 62) - 1
+
+
+def _canonical(value: Any) -> Any:
+    """A rank-independent, hashable description of an option value (no addresses, no devices)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", str(value.dtype), tuple(value.shape), value.detach().cpu().tolist())
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((repr(k), _canonical(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return (type(value).__name__, tuple(_canonical(v) for v in value))
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return (type(value).__name__, repr(value))
+    if callable(value) and hasattr(value, "__qualname__"):  # a class or function: by name, not address
+        return ("callable", getattr(value, "__module__", ""), value.__qualname__)
+    return (type(value).__name__, repr(value))
+
+
+def _ids_digest(ids: list[str]) -> str:
+    """A short description of a list of stable ids (the options hold many names)."""
+    digest = hashlib.blake2b("\n".join(ids).encode("utf-8"), digest_size=6).hexdigest()
+    return f"{len(ids)} tensors, ids digest {digest}"
+
+
+def _disagreement(label: str, values: list[Any], ranks: list[int]) -> str:
+    """``'seed': rank 0 has 0, rank 1 has 1`` (ranks with equal values named together)."""
+    order: list[Any] = []
+    holders: dict[Any, list[int]] = {}
+    shown: dict[Any, str] = {}
+    for rank, (canon, text) in zip(ranks, values):
+        if canon not in holders:
+            order.append(canon)
+            holders[canon] = []
+            shown[canon] = text
+        holders[canon].append(rank)
+    parts = []
+    for canon in order:
+        rs = holders[canon]
+        who = f"rank {rs[0]}" if len(rs) == 1 else "ranks " + ", ".join(map(str, rs))
+        parts.append(f"{who} {'has' if len(rs) == 1 else 'have'} {shown[canon]}")
+    return f"{label!r}: " + ", ".join(parts)
+
+
 class ZOOptimizer(torch.optim.Optimizer):
     """Base class: param groups, shard views, the SPSA query, state and the step log.
 
     Subclasses set their defaults and implement :meth:`step`; the SPSA query is
-    :meth:`_spsa_query`. Global settings (``q``, ``one_sided``, ``noise``, ``seed``,
-    ``master_weights``) live in every param group so that they round-trip with
-    ``state_dict()``, and must be equal across groups.
+    :meth:`_spsa_query`.
+
+    Global options: the keys of :attr:`GLOBAL_KEYS` (here ``q``, ``one_sided``, ``noise``,
+    ``seed``, ``master_weights``; subclasses add theirs, e.g. LeZO's ``sparsity``) hold for the
+    whole optimizer. They live in every param group, so that they round-trip with
+    ``state_dict()``, always with the optimizer's value: a param group (at construction or
+    through :meth:`add_param_group`) that sets one to another value is refused with a
+    ``ValueError`` naming the key and the group. Every other option is per group.
+
+    Ranks: the first step (and the first after :meth:`add_param_group` or
+    :meth:`load_state_dict`) checks, before any parameter moves, that every rank of the loss
+    group has the same options (see :meth:`check_options_agree`), with one all-reduce of
+    :data:`OPTION_CHECK_SHAPE` int64; a disagreement raises ``ValueError`` naming the options and
+    the ranks. Later steps issue no extra collective.
 
     Args:
         params: parameters, ``named_parameters()`` (recommended: names give noise ids that do
@@ -107,12 +176,12 @@ class ZOOptimizer(torch.optim.Optimizer):
         #: Seconds spent in each phase of the last step: perturb, forward, communication, update.
         self.last_step_timing: dict[str, float] = {}
         self._timing: defaultdict[str, float] = defaultdict(float)
+        # Positional noise ids ("#i": i-th parameter over all groups, in order) of parameters
+        # passed without names; extended by every add_param_group, also after construction.
+        self._positional_ids: dict[int, str] = {}
+        # Whether the ranks were found to agree on the options (checked at the first step).
+        self._options_agreed = False
         super().__init__(params, defaults)
-        for key in self.GLOBAL_KEYS:
-            values = {repr(g[key]) for g in self.param_groups}
-            if len(values) > 1:
-                raise ValueError(f"Invalid {key}: must be the same in every param group, got {sorted(values)}")
-        self._positional_ids = {id(p): f"#{i}" for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
 
     # ----------------------------------------------------------------- validation
     @staticmethod
@@ -135,10 +204,28 @@ class ZOOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"Invalid {key}: {group[key]!r} (must be True or False)")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group after validating its hyperparameters and that no parameter is shared."""
+        """Add a group after validating its hyperparameters and that no parameter is shared.
+
+        Works at construction and afterwards alike: a group added later is perturbed and
+        updated from the next step on, with the noise ids it would have had at construction
+        (its names, or positions continuing after the existing parameters).
+
+        Raises:
+            ValueError: an invalid hyperparameter; a global option (:attr:`GLOBAL_KEYS`) set to
+                another value than the optimizer's (named, with the group); a parameter that is
+                already in a group.
+        """
         group = dict(param_group)
         merged = {**self.defaults, **group}
         self._validate_group(merged)
+        index = len(self.param_groups)
+        for key in self.GLOBAL_KEYS:
+            if key in group and key in self.defaults and not _equal(group[key], self.defaults[key]):
+                raise ValueError(
+                    f"Invalid {key}: must be the same in every param group; param group {index} sets "
+                    f"{group[key]!r}, the optimizer's is {self.defaults[key]!r} ({key} is a global option "
+                    f"of {type(self).__name__}: set it on the optimizer, not in a param group)"
+                )
         params = group["params"]
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         group["params"] = params
@@ -153,6 +240,13 @@ class ZOOptimizer(torch.optim.Optimizer):
                     f"parameter {pi} of group {gi}; a parameter may appear in one group only"
                 )
         super().add_param_group(group)
+        added = self.param_groups[-1]
+        for key in self.GLOBAL_KEYS:  # the optimizer's own value (an equal 0 and 0.0 become one)
+            if key in self.defaults:
+                added[key] = self.defaults[key]
+        for p in added["params"]:
+            self._positional_ids[id(p)] = f"#{len(self._positional_ids)}"
+        self._options_agreed = False  # the new group's options are checked at the next step
 
     # ----------------------------------------------------------------- views
     def _stable_id(self, group: dict[str, Any], index: int, param: torch.Tensor) -> str:
@@ -248,6 +342,85 @@ class ZOOptimizer(torch.optim.Optimizer):
             return 1
         return dist.get_world_size(self._loss_group())
 
+    def _shared_options(self) -> dict[str, Any]:
+        """What every rank must agree on for the ranks' steps to be one run, by label.
+
+        The optimizer class; the number of param groups; the global options
+        (:attr:`GLOBAL_KEYS`: ``seed``, ``noise``, ``q``, ``one_sided``, ``master_weights`` and a
+        subclass's, such as ``sparsity``, ``rank``, ``nu``, ``beta``, ``layers_per_block``); every
+        per-group option (``lr``, ``eps``, ``weight_decay`` and a subclass's, such as
+        ``momentum``, ``betas``, ``adam_eps``); the stable ids of each group's trainable tensors
+        (they key the noise); and the step counter (a rank resumed from another step would
+        draw other noise). Subclasses add theirs (the hybrid's FO part).
+        """
+        groups = self.param_groups
+        out: dict[str, Any] = {
+            "optimizer": f"{type(self).__module__}.{type(self).__qualname__}",
+            "param groups": len(groups),
+            "step": self._zo["step"],
+        }
+        for key in self.GLOBAL_KEYS:
+            if key in groups[0]:
+                out[key] = groups[0][key]
+        for gi, group in enumerate(groups):
+            suffix = "" if len(groups) == 1 else f" (param group {gi})"
+            for key, value in group.items():
+                if key not in ("params", "param_names") and key not in self.GLOBAL_KEYS:
+                    out[key + suffix] = value
+            ids = [self._stable_id(group, i, p) for i, p in enumerate(group["params"]) if p.requires_grad]
+            out["trainable tensors" + suffix] = _ids_digest(ids)
+        return out
+
+    def check_options_agree(self) -> None:
+        """Refuse to run when the ranks of the loss group disagree on an option (collective).
+
+        Every rank hashes :meth:`_shared_options`; one all-reduce (MAX) of the hashes and their
+        negations tells every rank alike whether all agree. Only then, on the failure path, the
+        options themselves are all-gathered to name what differs. Called by ``step`` before any
+        parameter moves, once (again after :meth:`add_param_group` or :meth:`load_state_dict`);
+        a no-op without a process group or on one rank.
+
+        Raises:
+            ValueError: ``ranks disagree on optimizer option 'seed': rank 0 has 0, rank 1 has 1``
+                (every differing option), on every rank.
+        """
+        if self._options_agreed:
+            return
+        if self._world() > 1:
+            options = {label: (_canonical(v), repr(v)) for label, v in self._shared_options().items()}
+            digest = hashlib.blake2b(repr(sorted((k, c) for k, (c, _) in options.items())).encode("utf-8"),
+                                     digest_size=16).digest()
+            h = [int.from_bytes(digest[:8], "little") & _HASH_MASK, int.from_bytes(digest[8:], "little") & _HASH_MASK]
+            entries = self._entries()
+            device = entries[0].view.local.device if entries else torch.device("cpu")  # as the loss all-reduce
+            vals = torch.tensor([h[0], h[1], -h[0], -h[1]], dtype=torch.int64, device=device)
+            group = self._loss_group()
+            dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=group)
+            top = vals.tolist()
+            if top[0] != -top[2] or top[1] != -top[3]:  # the max and the min of some hash differ
+                self._raise_disagreement(options, group)
+        self._options_agreed = True
+
+    def _raise_disagreement(self, options: dict[str, tuple[Any, str]], group: Any) -> None:
+        world = dist.get_world_size(group)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, options, group=group)
+        ranks = dist.get_process_group_ranks(group) if group is not dist.group.WORLD else list(range(world))
+        labels = list(dict.fromkeys(label for opts in gathered for label in opts))
+        missing = (("unset",), "<not set>")
+        differ = []
+        for label in labels:
+            values = [opts.get(label, missing) for opts in gathered]
+            if any(v[0] != values[0][0] for v in values):
+                differ.append(_disagreement(label, values, ranks))
+        what = (f"option{'s' if len(differ) > 1 else ''} " + "; ".join(differ) if differ
+                else "options (their hashes differ, their printed values do not)")
+        raise ValueError(
+            f"{type(self).__name__}: ranks disagree on optimizer {what}. "
+            "Every rank must build the optimizer with the same options, or the ranks' runs diverge; "
+            "nothing was changed (checked before the first step moved any parameter)"
+        )
+
     def _mean_over_ranks(self, losses: list[Any], device: torch.device) -> list[float]:
         """Average the closure's losses over the data-parallel group: one all-reduce."""
         vals = torch.stack([torch.as_tensor(l).detach().to(device=device, dtype=torch.float64).reshape(()) for l in losses])
@@ -265,6 +438,8 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._timing[phase] += time.perf_counter() - t0
 
     def _begin_step(self) -> None:
+        """Start a step: the ranks' option check (first step only), then a fresh timing."""
+        self.check_options_agree()
         self._timing = defaultdict(float)
 
     def _end_step(self) -> None:
@@ -417,3 +592,4 @@ class ZOOptimizer(torch.optim.Optimizer):
             for name, t in tmap.items():
                 self.state[p][name] = t.detach().to(device=device).clone()
         self._zo = copy.deepcopy(state_dict["zo"])
+        self._options_agreed = False  # loaded options and step: checked across ranks at the next step

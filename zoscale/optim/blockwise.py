@@ -64,13 +64,16 @@ class BlockwiseZO(ZOOptimizer):
         lr: learning rate (per-block updates, so each tensor moves once per step, as in MeZO).
         eps: perturbation scale.
         weight_decay: L2 term, applied to a block when it is updated.
-        layers_per_block: consecutive transformer blocks per ZO block (>= 1).
+        layers_per_block: consecutive transformer blocks per ZO block (>= 1). A global option
+            (:attr:`GLOBAL_KEYS`): a param group may not set another value.
         one_sided: use the one-sided estimate.
         noise: ``"gaussian"`` or ``"rademacher"``.
         seed: run seed; must be the same on every rank.
         master_weights: keep an fp32 copy of every local shard (use for bf16/fp16 models).
         shards: shard provider (default: every parameter local; engines supply their own).
     """
+
+    GLOBAL_KEYS: tuple[str, ...] = ZOOptimizer.GLOBAL_KEYS + ("layers_per_block",)
 
     def __init__(
         self,
@@ -86,20 +89,23 @@ class BlockwiseZO(ZOOptimizer):
         master_weights: bool = False,
         shards: ShardProvider | None = None,
     ) -> None:
+        # layers_per_block is global (GLOBAL_KEYS): in the defaults, so every group holds the optimizer's.
         defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, q=1, one_sided=one_sided, noise=noise,
-                        seed=seed, master_weights=master_weights)
+                        seed=seed, master_weights=master_weights, layers_per_block=layers_per_block)
         if isinstance(layers_per_block, bool) or not isinstance(layers_per_block, int) or layers_per_block < 1:
             raise ValueError(f"Invalid layers_per_block: {layers_per_block!r} (must be an integer >= 1)")
+        self._units: set[str] = set()
+        self._replay_block: str | None = None
         super().__init__(params, defaults, shards)
-        self.defaults["layers_per_block"] = layers_per_block
-        for group in self.param_groups:  # a global setting: kept in every group, like q and seed
-            group["layers_per_block"] = layers_per_block
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see the base class); its transformer blocks join :attr:`blocks`."""
+        super().add_param_group(param_group)
         # From every trainable parameter's name (not this rank's non-empty shards), so that every
         # rank enumerates the same blocks.
         names = [self._stable_id(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])
                  if p.requires_grad]
         self._units = {unit_of(n) for n in names}
-        self._replay_block: str | None = None
 
     @property
     def blocks(self) -> list[str]:

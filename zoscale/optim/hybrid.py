@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from zoscale.optim.base import NonFiniteLossError, ShardEntry
+from zoscale.optim.base import NonFiniteLossError, ShardEntry, _ids_digest
 from zoscale.optim.lezo import REST, unit_of
 from zoscale.optim.mezo import MeZO
 from zoscale.shards import ShardProvider, canonical_name
@@ -240,8 +240,41 @@ class HybridZOFO(MeZO):
         #: Stable ids of the FO parameters (checked when a state dict is loaded).
         self.fo_names: list[str] = [canonical_name(n) for n, _ in fo_named]
         self._fo_optimizer_name = fo_optimizer.lower()
+        self._fo_patterns = patterns
         super().__init__(zo_groups, lr, eps, weight_decay, q=q, one_sided=one_sided, noise=noise, seed=seed,
                          master_weights=master_weights, shards=shards)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a ZO param group (see the base class); also after construction.
+
+        The FO part is chosen at construction: a group added later is ZO, and one holding a
+        parameter whose name matches an ``fo_params`` pattern is refused (build the optimizer
+        with it instead). Names are required, as at construction.
+
+        Raises:
+            ValueError: a parameter without a name or matching ``fo_params``, or as the base class.
+        """
+        (group,) = _named_groups([param_group])
+        for name, _ in group["params"]:
+            hit = next((pat for pat in self._fo_patterns if pat in canonical_name(name)), None)
+            if hit is not None:
+                raise ValueError(f"Invalid param group: parameter {name!r} matches fo_params pattern {hit!r}, but the "
+                                 "FO part is fixed at construction (a group added later is zeroth-order); pass it "
+                                 "when building HybridZOFO")
+        super().add_param_group(group)
+
+    def _shared_options(self) -> dict[str, Any]:
+        """The base class's, plus the FO part: its optimizer, tensors and hyperparameters."""
+        out = super()._shared_options()
+        out["fo_optimizer"] = self._fo_optimizer_name
+        out["fo tensors"] = _ids_digest(self.fo_names)
+        fo_groups = self.fo_optimizer.param_groups
+        for gi, group in enumerate(fo_groups):
+            suffix = "" if len(fo_groups) == 1 else f" (group {gi})"
+            for key, value in group.items():
+                if key not in ("params", "param_names"):
+                    out[f"fo_optimizer {key}{suffix}"] = value
+        return out
 
     # ----------------------------------------------------------------- options
     @staticmethod

@@ -8,7 +8,7 @@ import re
 import struct
 from typing import Any, Iterable
 
-from zoscale.optim.base import ShardEntry
+from zoscale.optim.base import ShardEntry, ZOOptimizer
 from zoscale.optim.mezo import MeZO
 from zoscale.shards import ShardProvider, canonical_name
 
@@ -41,9 +41,12 @@ class LeZO(MeZO):
     ``sparsity=0`` is exactly MeZO.
 
     Args:
-        sparsity: fraction of units skipped per step (the paper's rho; ~0.75 recommended).
+        sparsity: fraction of units skipped per step (the paper's rho; ~0.75 recommended). A
+            global option (:attr:`GLOBAL_KEYS`): a param group may not set another value.
         Other arguments as :class:`~zoscale.optim.MeZO`.
     """
+
+    GLOBAL_KEYS: tuple[str, ...] = MeZO.GLOBAL_KEYS + ("sparsity",)
 
     def __init__(
         self,
@@ -62,17 +65,22 @@ class LeZO(MeZO):
     ) -> None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"Invalid sparsity: {sparsity!r} (must be in [0, 1))")
-        super().__init__(params, lr, eps, weight_decay, q=q, one_sided=one_sided, noise=noise, seed=seed,
-                         master_weights=master_weights, shards=shards)
-        self.defaults["sparsity"] = float(sparsity)
-        for group in self.param_groups:  # a global setting: kept in every group, like q and seed
-            group["sparsity"] = float(sparsity)
+        #: LeZO units in draw order (transformer blocks by index, then ``"rest"``).
+        self.units: list[str] = []
+        # sparsity is global (GLOBAL_KEYS): in the defaults, so every group holds the optimizer's.
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, q=q, one_sided=one_sided, noise=noise,
+                        seed=seed, master_weights=master_weights, sparsity=float(sparsity))
+        ZOOptimizer.__init__(self, params, defaults, shards)  # MeZO.__init__ only builds MeZO's defaults
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (see the base class); its blocks join :attr:`units` (from the next step)."""
+        super().add_param_group(param_group)
         # Units from every trainable parameter's name (not this rank's non-empty shards), so
         # every rank enumerates the same list.
         names = [self._stable_id(g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])
                  if p.requires_grad]
         blocks = sorted({u for u in map(unit_of, names) if u != REST}, key=lambda u: int(u.split(".")[1]))
-        self.units: list[str] = blocks + ([REST] if any(unit_of(n) == REST for n in names) else [])
+        self.units = blocks + ([REST] if any(unit_of(n) == REST for n in names) else [])
 
     @property
     def active_count(self) -> int:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from zoscale import noise
-from zoscale.optim.base import ShardEntry, _written
+from zoscale.optim.base import ShardEntry, ZOOptimizer, _written
 from zoscale.optim.mezo import MeZO
 from zoscale.shards import ShardProvider
 
@@ -74,8 +74,15 @@ class RadixSelect:
     """
 
     def __init__(self, numels: list[int], ks: list[int], widths: list[int]) -> None:
-        for n, k, w in zip(numels, ks, widths, strict=True):
-            assert 1 <= k <= n and w in (32, 64), (n, k, w)
+        # Checks of the caller's arguments (ValueError). SparseMeZO.ensure_thresholds always passes
+        # valid ones: it selects only tensors with 1 <= k < numel (k = N gets h = +inf instead).
+        if not len(numels) == len(ks) == len(widths):
+            raise ValueError(f"RadixSelect takes one numel, k and width per tensor, got {len(numels)} numels, "
+                             f"{len(ks)} ks and {len(widths)} widths")
+        for t, (n, k, w) in enumerate(zip(numels, ks, widths)):
+            if not (1 <= k <= n and w in (32, 64)):
+                raise ValueError(f"RadixSelect: tensor {t} has numel {n}, k {k}, width {w}; the order statistic "
+                                 "needs 1 <= k <= numel and a width of 32 or 64 bits")
         self.numels, self.ks, self.widths = list(numels), list(ks), list(widths)
         self.prefix = [0] * len(numels)
         self.below = [0] * len(numels)  # summed count of held elements with a smaller prefix
@@ -201,6 +208,8 @@ class SparseMeZO(MeZO):
         >>> loss = opt.step(closure)   # the first step also fixes the thresholds (collective)
     """
 
+    GLOBAL_KEYS: tuple[str, ...] = MeZO.GLOBAL_KEYS + ("sparsity",)
+
     def __init__(
         self,
         params: Iterable[Any],
@@ -218,17 +227,14 @@ class SparseMeZO(MeZO):
     ) -> None:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
             raise ValueError(f"Invalid sparsity: {sparsity!r} (the fraction of each tensor frozen, in [0, 1))")
-        super().__init__(params, lr, eps, weight_decay, q=q, one_sided=one_sided, noise=noise, seed=seed,
-                         master_weights=master_weights, shards=shards)
-        for group in self.param_groups:
-            if group.get("sparsity", sparsity) != sparsity:
-                raise ValueError(f"Invalid sparsity: {group['sparsity']!r} in a param group; it must be the same "
-                                 f"in every group (the optimizer's is {sparsity!r})")
-        self.defaults["sparsity"] = float(sparsity)
-        for group in self.param_groups:  # a global setting: kept in every group, like q and seed
-            group["sparsity"] = float(sparsity)
-        # Packed masks of the query in progress (no master weights): id(param) -> int32 words.
+        # The SPSA query in progress (no master weights): whether one is open, and the packed
+        # masks of its tensors, id(param) -> int32 words, from its first pass (None before it).
+        self._in_query = False
         self._words: dict[int, torch.Tensor] | None = None
+        # sparsity is global (GLOBAL_KEYS): in the defaults, so every group holds the optimizer's.
+        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, q=q, one_sided=one_sided, noise=noise,
+                        seed=seed, master_weights=master_weights, sparsity=float(sparsity))
+        ZOOptimizer.__init__(self, params, defaults, shards)  # MeZO.__init__ only builds MeZO's defaults
 
     # ----------------------------------------------------------------- thresholds
     def _trainable(self) -> list[torch.Tensor]:
@@ -287,10 +293,18 @@ class SparseMeZO(MeZO):
     def _perturb(self, entries: list[ShardEntry], keys: list[int], scale: list[float], *, delta: list[float]) -> None:
         kind = self.param_groups[0]["noise"]
         masters = self.param_groups[0]["master_weights"]
-        first = not masters and not self._words
+        first = not masters and self._words is None
+        if not masters and not self._in_query:
+            # Cannot happen through step(): the base class perturbs only in _spsa_estimate, which
+            # this class reaches only through _spsa_query, and that opens the query.
+            raise RuntimeError("SparseMeZO: a perturbation pass outside an SPSA query; without master weights "
+                               "the packed masks live from a query's first pass to its update (_spsa_query)")
         if first:  # the query's first pass: the shards still hold theta; pack its mask
-            assert self._words is not None, "a perturbation outside a query"
-            assert scale == delta, (scale, delta)
+            if scale != delta:
+                # Cannot happen: both estimates start with perturb(eps, eps) from theta (offset 0),
+                # and the mask must be read from theta, before any edit.
+                raise RuntimeError(f"SparseMeZO: the first pass of a query must start from theta (scale == delta), "
+                                   f"got scale {scale} and delta {delta}")
             self._words = self._allocate_words(entries)
         for e, key in zip(entries, keys):
             v, gi, h = e.view, e.group_index, e.state["threshold"]
@@ -333,25 +347,32 @@ class SparseMeZO(MeZO):
             else:
                 # theta = x - off*z on the mask  =>  decay*theta + c*z = decay*x + (c - decay*off)*z
                 b = z_coef[gi] - decay[gi] * current_offset[gi]
-                words = self._words.pop(id(e.param), None) if self._words is not None else None
-                if words is None:  # outside a query (replay): the shard holds theta, the mask is |x| <= h
-                    assert current_offset[gi] == 0.0, current_offset
+                if self._in_query:
+                    words = self._words.pop(id(e.param), None) if self._words is not None else None
+                    if words is None:
+                        # Cannot happen: a query updates (or restores) the entries its first pass
+                        # perturbed, and that pass packed a mask for each of them.
+                        raise RuntimeError(f"SparseMeZO: no packed mask for {e.stable_id!r} in the query's update")
+                    noise.masked_axpbz_(v.local, words, v.offset, key, decay[gi], b, kind)
+                else:  # outside a query (replay): the shard holds theta, the mask is |x| <= h
+                    if current_offset[gi] != 0.0:
+                        # Cannot happen: replay updates from theta itself (offset 0).
+                        raise RuntimeError(f"SparseMeZO: an update outside an SPSA query must start from theta "
+                                           f"(offset 0), got offsets {current_offset}")
                     words = torch.empty(noise.mask_words(v.offset, v.local.numel()), dtype=torch.int32,
                                         device=v.local.device)
                     noise.masked_axpbz_pack_(v.local, words, v.offset, key, decay[gi], b, h, kind)
-                else:
-                    noise.masked_axpbz_(v.local, words, v.offset, key, decay[gi], b, kind)
                 del words
             _written(v)
 
     def _spsa_query(self, closure: Callable[[], Any], entries: list[ShardEntry], step: int, query: int,
                     lr_scale: float) -> tuple[list[float], tuple[float, float]]:
         # The packed masks live from the query's first pass to its update (or restore).
-        self._words = {}
+        self._in_query, self._words = True, None
         try:
             return super()._spsa_query(closure, entries, step, query, lr_scale)
         finally:
-            self._words = None
+            self._in_query, self._words = False, None
 
     # ----------------------------------------------------------------- step and replay
     @torch.no_grad()
@@ -363,6 +384,7 @@ class SparseMeZO(MeZO):
         """
         if closure is None:
             raise ValueError("SparseMeZO.step requires a closure that returns the mean loss of this rank's micro-batch")
+        self.check_options_agree()  # before the thresholds' collectives (and before anything moves)
         t0 = time.perf_counter()
         computed = self.ensure_thresholds()
         seconds = time.perf_counter() - t0

@@ -1,9 +1,12 @@
 """What the training loop needs from an engine, and the local (single process / replicas) engine.
 
-An engine owns the wrapped model and knows how its parameters are laid out. The loop calls the
-module for forwards, builds the optimizer on ``named_trainable()`` with ``shards``, and uses the
-rest for data-parallel bookkeeping and saving. Engines: :class:`LocalEngine` here (one process,
-or every rank a full replica under torchrun); DeepSpeed in ``zoscale.engines.deepspeed``.
+An engine owns the wrapped model and knows how its parameters are laid out. The loop calls
+``module`` for forwards, builds the optimizer on the trainable named parameters of ``module``
+(``trainable_parameters()`` of ``zoscale.train.trainer``; with ``model.peft``, the adapters'
+``adapter_parameters()`` of ``zoscale.peft``), read after wrapping, with ``shards`` as the shard
+provider, and uses the rest for data-parallel bookkeeping and saving. Engines:
+:class:`LocalEngine` here (one process, or every rank a full replica under torchrun); DeepSpeed
+in ``zoscale.engines.deepspeed``; FSDP2 / HSDP in ``zoscale.engines.fsdp``.
 """
 
 from __future__ import annotations
