@@ -33,14 +33,16 @@ import json
 import os
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
+from _harness import progress, spawn_records
+
 OPTIMIZERS = ("mezo", "forward_grad", "blockwise")
+log = progress("bench_forward_grad_blockwise")
 
 
-def _child(args: argparse.Namespace) -> dict:
+def _child(index: int, optimizer: str, args: argparse.Namespace) -> dict:
+    """One optimizer's record, in a fresh process (its own peak RSS)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,9 +72,9 @@ def _child(args: argparse.Namespace) -> dict:
             closure()
         forwards.append(time.perf_counter() - t0)
     named = model.named_parameters()
-    if args.optimizer == "mezo":
+    if optimizer == "mezo":
         opt = MeZO(named, lr=0.0, eps=1e-3, noise=args.noise)
-    elif args.optimizer == "forward_grad":
+    elif optimizer == "forward_grad":
         opt = ForwardGrad(named, lr=0.0, module=model, noise=args.noise)
     else:
         opt = BlockwiseZO(named, lr=0.0, eps=1e-3, noise=args.noise)
@@ -87,7 +89,7 @@ def _child(args: argparse.Namespace) -> dict:
     forward = statistics.median(forwards)
     step = statistics.median(steps)
     return {
-        "optimizer": args.optimizer,
+        "optimizer": optimizer,
         "parameters": sum(p.numel() for p in model.parameters()),
         "blocks": len(getattr(opt, "blocks", [])) or None,
         "forward_s": forward,
@@ -109,18 +111,11 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--noise", default="rademacher", choices=("gaussian", "rademacher"))
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
-    if args.optimizer:
-        print(json.dumps(_child(args)))
-        return
     results = []
     for name in OPTIMIZERS:
-        print(f"running {name}", file=sys.stderr)
-        cmd = [sys.executable, __file__, "--optimizer", name, "--layers", str(args.layers), "--batch",
-               str(args.batch), "--seq", str(args.seq), "--repeats", str(args.repeats), "--noise", args.noise]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ.copy())
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        log(f"running {name}")
+        results.append(spawn_records(_child, 1, name, args)[0])
     print(json.dumps({"meta": {"layers": args.layers, "batch": args.batch, "seq": args.seq, "noise": args.noise,
                                "repeats": args.repeats, "loadavg_after": os.getloadavg(),
                                "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},

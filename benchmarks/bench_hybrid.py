@@ -48,16 +48,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import sys
 import time
+import traceback
 from typing import Any
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import progress, spawn_records  # noqa: E402
 from bench_memory import alloc_peak_mib, precompile_noise, proc_status_mib, trim_and_reset_hwm  # noqa: E402
 
 MODES: tuple[str, ...] = ("mezo", "hybrid_third", "hybrid_two_thirds", "adamw")
@@ -65,9 +66,7 @@ FO_FRACTION = {"hybrid_third": 1 / 3, "hybrid_two_thirds": 2 / 3}
 MIB = float(1 << 20)
 
 
-def log(msg: str) -> None:
-    """Progress on stderr (stdout carries only the JSON)."""
-    print(f"[bench_hybrid {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = progress("bench_hybrid")
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -92,12 +91,13 @@ def _state_mib(optimizer: Any) -> float:
     return total
 
 
-def _child(mode: str, args: argparse.Namespace, queue: Any) -> None:
+def _child(index: int, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One mode's record, in its own process; a failure is reported in the record, not raised."""
     try:
-        queue.put(_measure(mode, args))
-    except BaseException as e:  # report, do not hang the parent
-        queue.put({"mode": mode, "error": f"{type(e).__name__}: {e}"})
-        raise
+        return _measure(mode, args)
+    except Exception as e:
+        traceback.print_exc()
+        return {"mode": mode, "error": f"{type(e).__name__}: {e}"}
 
 
 def _measure(mode: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -204,17 +204,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ["ZOSCALE_NOISE_BACKEND"] = args.noise_backend  # inherited by the children
 
     t0 = time.time()
-    ctx = mp.get_context("spawn")
     records: dict[str, dict[str, Any]] = {}
     for mode in args.modes:
         log(f"{mode} ...")
         t = time.perf_counter()
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(mode, args, queue))
-        proc.start()
-        rec = queue.get()
-        proc.join()
-        records[mode] = rec
+        rec = records[mode] = spawn_records(_child, 1, mode, args)[0]
         log(f"  {time.perf_counter() - t:.1f}s: " + ", ".join(f"{k} {rec.get(k)}" for k in
                                                                ("footprint_mib", "alloc_peak_mib", "error") if k in rec))
     import transformers

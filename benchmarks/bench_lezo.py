@@ -42,25 +42,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _harness import progress  # noqa: E402
 from bench_step import CpuMonitor, build_model, cpu_model, load_average, make_closure  # noqa: E402
 
 from zoscale.optim.lezo import LeZO, unit_of  # noqa: E402
 from zoscale.shards import canonical_name  # noqa: E402
+from zoscale.train.trainer import trainable_parameters  # noqa: E402
 
-
-def log(msg: str) -> None:
-    print(f"[bench_lezo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def trainable(model: torch.nn.Module, which: str) -> list[tuple[str, torch.nn.Parameter]]:
-    """``named_parameters`` to optimise; ``non_embedding`` freezes the (tied) embedding."""
-    frozen = {id(model.get_input_embeddings().weight)} if which == "non_embedding" else set()
-    named = []
-    for name, p in model.named_parameters():
-        p.requires_grad_(id(p) not in frozen)
-        if p.requires_grad:
-            named.append((name, p))
-    return named
+log = progress("bench_lezo")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"building a {layers}-layer SmolLM2-shaped model")
     model = build_model(layers, torch.float32, seed=0)
     closure = make_closure(model, args.batch, args.seq_len, seed=0)
-    named = trainable(model, args.trainable)
+    named = trainable_parameters(model, args.trainable)
     sizes: dict[str, int] = {}
     for name, p in named:
         unit = unit_of(canonical_name(name))

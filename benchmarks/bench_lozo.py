@@ -25,12 +25,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
 import torch
 
+from _harness import progress
 from zoscale import noise
 from zoscale.optim.base import ShardEntry
 from zoscale.optim.lozo import LOZO
@@ -40,8 +40,7 @@ SHAPES = {"q_proj": (576, 576), "k_proj": (192, 576), "v_proj": (192, 576), "o_p
           "gate_proj": (1536, 576), "up_proj": (1536, 576), "down_proj": (576, 1536)}
 
 
-def log(msg: str) -> None:
-    print(f"[bench_lozo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = progress("bench_lozo")
 
 
 def entries(layers: int, shard: bool) -> list[ShardEntry]:

@@ -87,9 +87,7 @@ import json
 import os
 import platform
 import re
-import socket
 import sys
-import tempfile
 import time
 from typing import Any, Callable
 
@@ -97,7 +95,7 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
+from _harness import free_port, progress, spawn_records  # noqa: E402
 
 MODES: tuple[str, ...] = ("forward_only", "zo_step", "zo_step_master", "adamw_step")
 ENGINES: tuple[str, ...] = ("deepspeed", "fsdp")
@@ -110,10 +108,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 MIB = float(1 << 20)
 TARGET_ZO_OVER_FORWARD = 1.10  # from the issue
 
-
-def log(msg: str) -> None:
-    """Progress message on stderr (stdout carries only the JSON)."""
-    print(f"[bench_memory {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = progress("bench_memory")
 
 
 # ---------------------------------------------------------------------- memory probes
@@ -222,8 +217,8 @@ def precompile_noise(kind: str, master: bool) -> None:
 
 
 # ---------------------------------------------------------------------- one rank
-def _worker(rank: int, world: int, port: int, engine: str, mode: str, args: argparse.Namespace,
-            out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, engine: str, mode: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One rank's record of ``mode`` on ``engine``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS=str(args.threads))
     if args.noise_backend:
@@ -232,15 +227,12 @@ def _worker(rank: int, world: int, port: int, engine: str, mode: str, args: argp
     if engine == "fsdp":
         dist.init_process_group("gloo", rank=rank, world_size=world)
         try:
-            rec = _measure_fsdp(rank, world, mode, args)
-            with open(os.path.join(out_dir, f"{engine}_{mode}_{world}_{rank}.json"), "w") as f:
-                json.dump(rec, f)
+            return _measure_fsdp(rank, world, mode, args)
         finally:
             # FSDP-wrapped modules sit in reference cycles; collect them before the group goes
             # (tests/distributed/test_fsdp.py: avoids a rare abort at exit).
             gc.collect()
             dist.destroy_process_group()
-        return
     import deepspeed
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
@@ -249,9 +241,7 @@ def _worker(rank: int, world: int, port: int, engine: str, mode: str, args: argp
     ds_logging.logger.setLevel("WARNING")
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     try:
-        rec = _measure(rank, world, mode, args)
-        with open(os.path.join(out_dir, f"{engine}_{mode}_{world}_{rank}.json"), "w") as f:
-            json.dump(rec, f)
+        return _measure(rank, world, mode, args)
     finally:
         dist.destroy_process_group()
 
@@ -411,21 +401,9 @@ def _run_steps(engine: str, rank: int, world: int, mode: str, args: argparse.Nam
 
 
 # ---------------------------------------------------------------------- driver
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_config(engine: str, mode: str, world: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Spawn ``world`` fresh ranks for ``mode`` on ``engine``; return their records sorted by rank."""
-    with tempfile.TemporaryDirectory(prefix="bench_memory_") as out:
-        mp.spawn(_worker, args=(world, free_port(), engine, mode, args, out), nprocs=world, join=True)
-        recs = []
-        for r in range(world):
-            with open(os.path.join(out, f"{engine}_{mode}_{world}_{r}.json")) as f:
-                recs.append(json.load(f))
-    return recs
+    return spawn_records(_worker, world, world, free_port(), engine, mode, args)
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

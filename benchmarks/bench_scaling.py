@@ -4,7 +4,7 @@ For every layout and engine, fresh gloo ranks build the same random ``LlamaForCa
 and run ``--steps`` timed MeZO steps (after one warm-up step) on a micro-batch of ``--micro`` x
 ``--seq`` random tokens per rank (weak scaling: the global batch grows with the ranks). Every
 collective is counted by wrapping ``torch.distributed``'s functions and DeepSpeed's cached
-all-gather / reduce-scatter (as tests/distributed/test_deepspeed.py does), outermost call only,
+all-gather / reduce-scatter (tests/distributed/collectives.py), outermost call only,
 split into:
 
 * ``optimizer``: collectives issued by ``optimizer.step`` outside the forwards (zoscale's own
@@ -43,13 +43,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from _harness import free_port  # noqa: E402
+
+from tests.distributed.collectives import Call, Collectives  # noqa: E402
 
 SHAPES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -57,116 +59,34 @@ SHAPES: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
                   num_key_value_heads=4, vocab_size=4096),
 }
-COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "_all_gather_base",
-               "all_gather_single", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor",
-               "reduce_scatter_single", "_reduce_scatter_base", "all_to_all", "all_to_all_single", "barrier",
-               "reduce", "gather", "scatter", "allgather_fn", "reduce_scatter_fn")
 
 
 # ---------------------------------------------------------------------- counting
-class Traffic:
-    """Counts collectives (outermost wrapped call only), split into forward and optimizer traffic."""
+def _wire_bytes(call: Call) -> float:
+    """What a rank receives for ``call`` with ring algorithms over its group of ``g`` ranks."""
+    g = len(call.ranks)
+    if "reduce" in call.name and "scatter" not in call.name:  # all_reduce, reduce
+        return 2 * (g - 1) / g * call.nbytes
+    if "gather" in call.name or "scatter" in call.name or "all_to_all" in call.name:
+        return (g - 1) / g * call.nbytes
+    return float(call.nbytes) if call.name == "broadcast" else 0.0
 
-    def __init__(self, ranks_per_node: int) -> None:
-        self.ranks_per_node = ranks_per_node
-        self.in_forward = False
-        self.records: list[dict[str, Any]] = []
-        self._saved: list[tuple[Any, str, Any]] = []
-        self._depth = threading.local()
 
-    def _group_ranks(self, args: tuple, kwargs: dict) -> list[int]:
-        import torch.distributed as dist
-
-        group = kwargs.get("group")
-        if group is None:
-            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-        return dist.get_process_group_ranks(group) if group is not None else list(range(dist.get_world_size()))
-
-    def _wrap(self, module: Any, name: str) -> None:
-        original = getattr(module, name, None)
-        if original is None or getattr(original, "_counted", False):
-            return
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            depth = getattr(self._depth, "n", 0)
-            if depth == 0:
-                self._record(name, args, kwargs)
-            self._depth.n = depth + 1
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._depth.n = depth
-
-        counted._counted = True  # type: ignore[attr-defined]
-        self._saved.append((module, name, original))
-        setattr(module, name, counted)
-
-    def _record(self, name: str, args: tuple, kwargs: dict) -> None:
-        import torch
-
-        sizes = []
-        for a in (*args, *kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                sizes.append(a.numel() * a.element_size())
-            elif isinstance(a, (list, tuple)) and a and all(isinstance(t, torch.Tensor) for t in a):
-                sizes.append(sum(t.numel() * t.element_size() for t in a))
-        payload = max(sizes, default=0)
-        ranks = self._group_ranks(args, kwargs)
-        g = len(ranks)
-        if "reduce" in name and "scatter" not in name:  # all_reduce, reduce
-            wire = 2 * (g - 1) / g * payload
-        elif "gather" in name or "scatter" in name or "all_to_all" in name:
-            wire = (g - 1) / g * payload
-        elif name == "broadcast":
-            wire = payload
-        else:
-            wire = 0.0
-        nodes = {r // self.ranks_per_node for r in ranks}
-        self.records.append({"name": name, "forward": self.in_forward, "group": g, "payload": payload,
-                             "wire": wire, "inter_node": len(nodes) > 1})
-
-    def __enter__(self) -> "Traffic":
-        import torch.distributed as dist
-
-        for name in COLLECTIVES:
-            self._wrap(dist, name)
-        if "deepspeed" in sys.modules:
-            import deepspeed
-
-            for name in COLLECTIVES:
-                self._wrap(deepspeed.comm, name)
-            backend = deepspeed.comm.comm.cdb
-            if backend is not None:
-                for name in ("all_gather_function", "reduce_scatter_function"):
-                    self._wrap(backend, name)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for module, name, original in reversed(self._saved):
-            setattr(module, name, original)
-
-    def closure(self, fn: Callable[[], Any]) -> Callable[[], Any]:
-        def marked() -> Any:
-            self.in_forward = True
-            try:
-                return fn()
-            finally:
-                self.in_forward = False
-
-        return marked
-
-    def summary(self, steps: int) -> dict[str, dict[str, float]]:
-        out = {}
-        for part, forward in (("optimizer", False), ("forward", True)):
-            rs = [r for r in self.records if r["forward"] == forward]
-            out[part] = {
-                "calls_per_step": len(rs) / steps,
-                "payload_bytes_per_step": sum(r["payload"] for r in rs) / steps,
-                "wire_bytes_per_step": sum(r["wire"] for r in rs) / steps,
-                "inter_node_wire_bytes_per_step": sum(r["wire"] for r in rs if r["inter_node"]) / steps,
-                "ops": sorted({r["name"] for r in rs}),
-            }
-        return out
+def traffic_summary(calls: list[Call], steps: int, ranks_per_node: int) -> dict[str, dict[str, Any]]:
+    """Per step: calls, payload, wire and inter-node wire bytes of the optimizer's and the forwards' calls."""
+    out = {}
+    for part, forward in (("optimizer", False), ("forward", True)):
+        rs = [c for c in calls if (c.forward is not None) == forward]
+        wire = [_wire_bytes(c) for c in rs]
+        inter_node = [len({r // ranks_per_node for r in c.ranks}) > 1 for c in rs]
+        out[part] = {
+            "calls_per_step": len(rs) / steps,
+            "payload_bytes_per_step": sum(c.nbytes for c in rs) / steps,
+            "wire_bytes_per_step": sum(wire) / steps,
+            "inter_node_wire_bytes_per_step": sum(w for w, x in zip(wire, inter_node) if x) / steps,
+            "ops": sorted({c.name for c in rs}),
+        }
+    return out
 
 
 # ---------------------------------------------------------------------- one layout, one engine
@@ -225,7 +145,7 @@ def run_engine(engine: str, args: argparse.Namespace, ranks_per_node: int) -> di
 
     with torch.no_grad():
         opt.step(loss)  # warm-up: DeepSpeed records its module trace, kernels are built
-        traffic = Traffic(ranks_per_node)
+        traffic = Collectives(deepspeed="deepspeed" in sys.modules, outermost=True)
         times = []
         barrier = dist.barrier  # the benchmark's own, not counted
         with traffic:
@@ -237,7 +157,7 @@ def run_engine(engine: str, args: argparse.Namespace, ranks_per_node: int) -> di
     slowest = torch.tensor(times, dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     step_s = statistics.median(slowest.tolist())
-    comm = traffic.summary(args.steps)
+    comm = traffic_summary(traffic.calls, args.steps, ranks_per_node)
     local = torch.tensor([comm["forward"]["wire_bytes_per_step"], comm["optimizer"]["wire_bytes_per_step"]],
                          dtype=torch.float64)
     spread = [torch.zeros_like(local) for _ in range(world)]
@@ -289,21 +209,13 @@ def _spawned(local_rank: int, world: int, port: int, args: argparse.Namespace) -
     worker_main(args)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_layout(layout: str, args: argparse.Namespace, out: Path) -> float:
     """Run one layout (``"1"``, ``"2"``, ``"4"`` or ``"NxM"``); its wall time."""
     t0 = time.perf_counter()
     worker_args = [*sys.argv[1:]]
     if "x" in layout:
         nodes, per_node = (int(v) for v in layout.split("x"))
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(ROOT)}
         cmds = [[str(Path(sys.executable).parent / "torchrun"), "--nnodes", str(nodes), "--node_rank", str(n),
                  "--nproc_per_node", str(per_node), "--master_addr", "127.0.0.1", "--master_port", str(port),
@@ -329,7 +241,7 @@ def run_layout(layout: str, args: argparse.Namespace, out: Path) -> float:
 
         world = int(layout)
         wargs = argparse.Namespace(**{**vars(args), "layout": layout, "out": str(out)})
-        mp.spawn(_spawned, args=(world, _free_port(), wargs), nprocs=world, join=True)
+        mp.spawn(_spawned, args=(world, free_port(), wargs), nprocs=world, join=True)
     return time.perf_counter() - t0
 
 

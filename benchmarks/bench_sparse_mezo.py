@@ -69,32 +69,22 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_memory import alloc_peak_mib, proc_status_mib, trim_and_reset_hwm  # noqa: E402
+from _harness import progress, spawn_records  # noqa: E402
+from bench_memory import MIB, SHAPES, alloc_peak_mib, proc_status_mib, trim_and_reset_hwm  # noqa: E402
 from bench_step import CpuMonitor, load_average  # noqa: E402
 
 OPTIMIZERS: tuple[str, ...] = ("mezo", "sparse_mezo")
-SHAPES: dict[str, dict[str, Any]] = {
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=8, vocab_size=8192, tie_word_embeddings=False),
-    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-}
-MIB = float(1 << 20)
 TARGET = 1.05  # Sparse MeZO's peak memory within 5% of MeZO's
 
 
-def log(msg: str) -> None:
-    """Progress message on stderr (stdout carries only the JSON)."""
-    print(f"[bench_sparse_mezo {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = progress("bench_sparse_mezo")
 
 
 def build_optimizer(name: str, named: Any, master: bool, args: argparse.Namespace) -> Any:
@@ -288,24 +278,19 @@ def static_mmap_threshold() -> bool:
         return False
 
 
-def _worker(index: int, what: str, name: str, master: bool, args: argparse.Namespace, out: str) -> None:
+def _worker(index: int, what: str, name: str, master: bool, args: argparse.Namespace) -> dict[str, Any]:
     del index  # spawn passes the process index
     static_mmap_threshold()
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     torch.set_num_threads(args.threads)
     rec = _timing(master, args) if what == "timing" else _measure(name, master, args)
-    with open(out, "w") as f:
-        json.dump(rec, f)
     gc.collect()
+    return rec
 
 
 def run_mode(what: str, name: str, master: bool, args: argparse.Namespace) -> dict[str, Any]:
     """One measurement (``memory`` of one optimizer, or ``timing``) in a fresh process; its record."""
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "rec.json")
-        mp.spawn(_worker, args=(what, name, master, args, out), nprocs=1, join=True)
-        with open(out) as f:
-            return json.load(f)
+    return spawn_records(_worker, 1, what, name, master, args)[0]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

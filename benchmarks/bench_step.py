@@ -55,7 +55,6 @@ import os
 import platform
 import statistics
 import shutil
-import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -64,6 +63,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from _harness import progress
 from zoscale import noise
 from zoscale.optim.mezo import MeZO
 
@@ -75,9 +75,7 @@ TARGET_STEP_TO_2FWD = {"rademacher": 1.10, "gaussian": 1.20}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def log(msg: str) -> None:
-    """Progress message on stderr (stdout carries only the JSON)."""
-    print(f"[bench_step {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+log = progress("bench_step")
 
 
 def cpu_model() -> str:

@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.distributed.spawn import free_ports
+
 PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge")
 _FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
              "DEADLINE"}
@@ -44,19 +46,6 @@ def install() -> None:
     if subprocess.run(cmd, env=env, capture_output=True).returncode != 0:
         subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, capture_output=True)
         subprocess.run(cmd, env=env, check=True, capture_output=True)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class LocalSlurmCluster:
@@ -108,7 +97,7 @@ class LocalSlurmCluster:
                         f"--pid-file={d / 'run' / 'munged.pid'}", f"--seed-file={d / 'key' / 'munged.seed'}"],
                        check=True, capture_output=True)
         self._pidfiles.append(d / "run" / "munged.pid")
-        ctld_port, *node_ports = _free_ports(1 + len(self.nodes))
+        ctld_port, *node_ports = free_ports(1 + len(self.nodes))
         host = socket.gethostname().split(".")[0]
         lines = [
             f"ClusterName=zoscale{ctld_port}", f"SlurmctldHost={host}(127.0.0.1)", f"SlurmctldPort={ctld_port}",

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.distributed.spawn import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 TRAIN = str(ROOT / "launch" / "train.py")
@@ -66,7 +68,7 @@ def _single(tmp: Path, out: str, *extra: str, optimizer: str = "MeZO") -> None:
 
 
 def _deepspeed(tmp: Path, out: str, ds: Path, *extra: str) -> None:
-    port = str(29500 + os.getpid() % 1000)
+    port = str(free_port())
     _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", port, TRAIN, "--ds_config", str(ds),
           *_common(tmp, out), *extra])
 
@@ -116,7 +118,7 @@ def test_deepspeed_resume_equals_uninterrupted(tmp_path: Path) -> None:
 
 def test_torchrun_replicas_follow_the_single_process_trajectory(tmp_path: Path) -> None:
     _single(tmp_path, "one")
-    port = str(29700 + os.getpid() % 1000)
+    port = str(free_port())
     _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", port, TRAIN, *_common(tmp_path, "tr"),
           "--steps", str(STEPS), "batch_size=4", "optimizer.type=MeZO", "optimizer.params.lr=0.001",
           "optimizer.params.eps=0.001", "optimizer.params.master_weights=true"])
@@ -161,7 +163,7 @@ def test_accelerate_launch_runs_the_same_deepspeed_job(tmp_path: Path) -> None:
     template = (ROOT / "launch" / "accelerate_zero3.yaml").read_text()
     acc_cfg = tmp_path / "accelerate.yaml"
     acc_cfg.write_text(template.replace("ds_configs/zero3_mezo.json", str(ds)))
-    port = str(29800 + os.getpid() % 1000)
+    port = str(free_port())
     _run([str(VENV_BIN / "accelerate"), "launch", "--config_file", str(acc_cfg), "--main_process_port", port, TRAIN,
           *_common(tmp_path, "acc"), "--steps", "3"])
     # Same engine, same ranks, same seed: the same trajectory to the bit.
@@ -169,7 +171,7 @@ def test_accelerate_launch_runs_the_same_deepspeed_job(tmp_path: Path) -> None:
 
 
 def _torchrun(tmp: Path, out: str, nproc: int, *extra: str) -> None:
-    port = str(29600 + (os.getpid() + nproc) % 1000)
+    port = str(free_port())
     _run([str(VENV_BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, TRAIN,
           *_common(tmp, out), *extra])
 
