@@ -11,6 +11,8 @@ Three kinds of source:
 * **Files**: ``data.path`` a JSONL, CSV or TSV file of records; the held-out set is
   ``data.eval_path`` and the dev set ``data.dev_path`` when given, else they are cut from
   ``data.path`` (the held-out set label-balanced for classification, as before).
+* **The hub**, where a network exists: ``data.path=hub`` (the task's usual hub name) or
+  ``hub:<name>[/<config>]`` (:mod:`zoscale.data.hub`), sampled like a data set folder.
 * **Built in**: no ``data.path``, for a task that ships real data (``sst2``: the Rotten Tomatoes
   sentences; ``tweets``); sampled like a single file.
 
@@ -24,11 +26,13 @@ from __future__ import annotations
 import csv
 import random
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from zoscale.data.formats import read_jsonl, read_split, read_tsv, split_file
+from zoscale.data.hub import is_hub, read_hub_split
 from zoscale.data.sources import split_train_eval
 from zoscale.data.tasks import Example, Task
 
@@ -119,23 +123,21 @@ def _split_pool(task: Task, examples: list[Example], n_take: int, n_eval: int,
     return order[n_eval:n_eval + n_take], order[:n_eval]
 
 
-def _from_dataset(task: Task, folder: Path, data: Any, seed: int) -> TaskData:
-    dataset = task.spec.dataset
-    if dataset is None:
-        raise ValueError(f"task {task.name!r} reads files, not a data set folder: data.path={folder} is a folder")
+def _from_dataset(task: Task, read: Callable[[str], list[Record]], source: str, data: Any, seed: int) -> TaskData:
+    """MeZO's sampling from a data set's ``train`` and ``validation`` splits (``read(split)``)."""
     notes: list[str] = []
-    train_split = task.examples(_dataset_split(folder, dataset, "train"))
+    train_split = task.examples(read("train"))
     random.Random(seed).shuffle(train_split)
     n_dev = task.spec.n_dev if data.n_dev is None else data.n_dev
     if len(train_split) <= n_dev:
-        raise ValueError(f"{folder} train split: {len(train_split)} examples leave none for training after a dev "
+        raise ValueError(f"{source} train split: {len(train_split)} examples leave none for training after a dev "
                          f"set of {n_dev} (lower data.n_dev)")
     dev = train_split[:n_dev]
-    train = _take(train_split[n_dev:], data.n_train, f"{folder} train split (after the dev set)", notes)
-    validation = task.examples(_dataset_split(folder, dataset, "validation"))
+    train = _take(train_split[n_dev:], data.n_train, f"{source} train split (after the dev set)", notes)
+    validation = task.examples(read("validation"))
     n_eval = DEFAULT_N_EVAL_DATASET if data.n_eval is None else data.n_eval
     if len(validation) < n_eval:
-        notes.append(f"{folder} validation split: {len(validation)} examples, fewer than the {n_eval} asked: "
+        notes.append(f"{source} validation split: {len(validation)} examples, fewer than the {n_eval} asked: "
                      "using all of them")
     held_out = random.Random(seed).sample(validation, min(n_eval, len(validation)))
     return TaskData(train, dev, held_out, notes)
@@ -170,7 +172,13 @@ def load_task_data(task: Task, data: Any, seed: int) -> TaskData:
         if task.spec.builtin is None:
             raise ValueError(f"task {task.name!r} has no built-in data: set data.path (a data set folder or a file)")
         return _from_files(task, task.spec.builtin(), data, seed)
+    if is_hub(data.path):
+        return _from_dataset(task, lambda split: read_hub_split(data.path, task.spec.dataset, split), data.path,
+                             data, seed)
     path = Path(data.path)
     if path.is_dir():
-        return _from_dataset(task, path, data, seed)
+        dataset = task.spec.dataset
+        if dataset is None:
+            raise ValueError(f"task {task.name!r} reads files, not a data set folder: data.path={path} is a folder")
+        return _from_dataset(task, lambda split: _dataset_split(path, dataset, split), str(path), data, seed)
     return _from_files(task, read_records(path), data, seed)
