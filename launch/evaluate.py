@@ -18,9 +18,8 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _lo
 
 import argparse  # noqa: E402
 import functools  # noqa: E402
-import json  # noqa: E402
 
-from zoscale.train.launch import run_from_args  # noqa: E402
+from zoscale.train.launch import run_cli  # noqa: E402
 from zoscale.train.score import score  # noqa: E402
 
 
@@ -43,13 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_intermixed_args(argv)
     if args.output_dir is None:
         args.output_dir = "runs/eval"
-    try:
-        summary = run_from_args(args, job=functools.partial(score, adapter=args.adapter))
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    if summary is not None:
-        print(json.dumps(summary, indent=2))
-    return 0
+    return run_cli(parser, args, functools.partial(score, adapter=args.adapter))
 
 
 if __name__ == "__main__":

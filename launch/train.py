@@ -22,10 +22,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _lo
 
 import argparse  # noqa: E402
 import faulthandler  # noqa: E402
-import json  # noqa: E402
 import signal  # noqa: E402
 
-from zoscale.train.launch import run_from_args  # noqa: E402
+from zoscale.train.launch import run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,13 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=200 data.n_eval=400")
     args = parser.parse_intermixed_args(argv)
-    try:
-        summary = run_from_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"error: {e}\n")
-    if summary is not None:
-        print(json.dumps(summary, indent=2))
-    return 0
+    return run_cli(parser, args)
 
 
 if __name__ == "__main__":

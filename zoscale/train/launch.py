@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import threading
 from typing import Any, Callable
@@ -28,7 +29,7 @@ from zoscale.train.engine import EngineBuilder, LocalBuilder
 from zoscale.train.trainer import train
 from zoscale.train.watchdog import EXIT_PEER_LOST, Watchdog, is_communication_error
 
-__all__ = ["make_builder", "run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
+__all__ = ["make_builder", "run_cli", "run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
 
 DIST_TIMEOUT_S = 600.0
 """Default collective timeout: long enough for rank 0 to prepare a model while the others wait at
@@ -243,6 +244,21 @@ def make_builder(engine: str, cfg: TrainConfig, ds_config: dict[str, Any] | None
         compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
         return FSDPBuilder(hsdp=hsdp, param_dtype=compute)
     return LocalBuilder()
+
+
+def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace,
+            job: Callable[..., dict[str, Any]] | None = None) -> int:
+    """A command's body: run ``job`` (default: train), print rank 0's summary as JSON.
+
+    A user error (a bad config key or value, a missing file) exits with code 2 and one line.
+    """
+    try:
+        summary = run_from_args(args, job or train)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"error: {e}\n")
+    if summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
 
 
 def run_from_args(args: argparse.Namespace, job: Callable[..., dict[str, Any]] = train) -> dict[str, Any] | None:
