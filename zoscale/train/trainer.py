@@ -194,6 +194,18 @@ def _micro_batches(run: Run, global_batch: list[Example]) -> list[dict[str, Any]
     return [run.task.family.train_batch(mine[i * micro:(i + 1) * micro], run.encoder) for i in range(accumulate)]
 
 
+def _mean_projected_grad(log: list[dict[str, Any]]) -> float:
+    """The first group's projected gradient averaged over the last step's records (its queries, or
+    block-wise ZO's blocks), not the last record's alone."""
+    last = log[-1]["step"]
+    grads = []
+    for record in reversed(log):
+        if record["step"] != last:
+            break
+        grads.append(record["grad"][0])
+    return sum(grads) / len(grads)
+
+
 def train_step(run: Run, step: int) -> dict[str, Any]:
     """One optimizer step on the next global batch; the metrics record of that step."""
     parts = _micro_batches(run, next(run.stream))
@@ -206,13 +218,12 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     loss = run.optimizer.step(closure)
     dt = time.perf_counter() - t0
-    last = run.optimizer.step_log[-1]
     examples = run.cfg.batch_size * run.cfg.gradient_accumulation_steps * run.engine.world_size
     return {
         "step": step,
         "loss": loss,
-        "projected_grad": last["grad"][0],
-        "lr": last["lr"][0] * run.optimizer.param_groups[0]["q"],
+        "projected_grad": _mean_projected_grad(run.optimizer.step_log),
+        "lr": run.optimizer.param_groups[0]["lr"],
         "step_s": dt,
         **{f"{k}_s": v for k, v in run.optimizer.last_step_timing.items()},
         "examples_per_s": examples / dt,
