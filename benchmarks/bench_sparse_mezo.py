@@ -224,8 +224,10 @@ def _pass_times(opt: Any, master: bool, args: argparse.Namespace) -> dict[str, A
     """
     from zoscale import noise
 
-    entries = opt._entries()
-    words = opt._allocate_words(entries)
+    from zoscale.optim.directions import packed_buffers
+
+    entries = opt.shard_entries()
+    words = {id(e.param): w for e, w in zip(entries, packed_buffers(entries))}
     kind = args.noise
     if master:
         def unmasked(b: float) -> None:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from zoscale.optim.mezo import MeZO
-from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
+from zoscale.optim import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 
 OPTIMIZERS = {"mezo": MeZO, "zo_sgd_sign": ZOSGDSign, "zo_sgd_mmt": ZOSGDMMT, "zo_sgd_cons": ZOSGDCons,
               "zo_adam": ZOAdam}

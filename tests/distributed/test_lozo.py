@@ -27,7 +27,8 @@ from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
 from zoscale.engines import DeepSpeedShards  # noqa: E402
 from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
-from zoscale.optim.lozo import LOZO, LOZOM, row_range  # noqa: E402
+from zoscale.optim import LOZO, LOZOM
+from zoscale.optim.lozo import row_range  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -26,7 +26,7 @@ from tests.distributed.builders import BATCH, full_params, lm_loss, token_ids  #
 from tests.distributed.collectives import all_reduces, shapes  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
 from zoscale.optim.base import OPTION_CHECK_SHAPE  # noqa: E402
-from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign  # noqa: E402
+from zoscale.optim import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

@@ -363,7 +363,9 @@ def test_non_finite_loss_in_a_later_query_keeps_the_earlier_queries() -> None:
     # Reference: only query 0 of step 0, applied with lr/q.
     entries = ref._entries()
     ref._ensure_masters(entries)
-    ref._spsa_query(lambda: loss_of(twin, x, y), entries, 0, 0, 0.5)
+    dirs = ref.directions(entries, 0, 0)
+    grads, _, offset = ref.estimate(lambda: loss_of(twin, x, y), dirs, 0, 0)
+    ref.rule.apply(ref, 0, [(dirs, grads)], [g["lr"] for g in ref.param_groups], 2, offset)  # lr / q
     for (n, a), (_, b) in zip(model.named_parameters(), twin.named_parameters()):
         assert torch.equal(a, b), n
     assert [(r["step"], r["query"]) for r in opt.step_log] == [(0, 0)] and opt.step_count == 0

@@ -27,6 +27,7 @@ import torch
 
 from tests import optim_table as T
 from zoscale.optim import OPTIMIZERS, LOZO, LOZOM, BlockwiseZO, LeZO, MeZO, SparseMeZO, build_optimizer
+from zoscale.optim.directions import Masked
 from zoscale.optim.sparse_mezo import RadixSelect
 
 REPO = Path(__file__).resolve().parents[2]
@@ -176,31 +177,22 @@ def _sparse() -> tuple[SparseMeZO, list]:
     return opt, entries
 
 
-def test_sparse_mezo_perturbation_outside_a_query_is_a_runtime_error() -> None:
+def test_sparse_mezo_first_pass_must_start_from_theta() -> None:
     opt, entries = _sparse()
-    keys = opt._keys(entries, 0, 0)
+    dirs = Masked.for_query(opt, entries, 0, 0)  # a query whose first pass is not the +eps one
     before = [e.view.local.clone() for e in entries]
-    with pytest.raises(RuntimeError, match="outside an SPSA query"):
-        opt._perturb(entries, keys, [1e-3], delta=[1e-3])
+    with pytest.raises(RuntimeError, match="first pass"):
+        dirs[0].perturb_(-2e-3, -1e-3)
     assert all(torch.equal(e.view.local, b) for e, b in zip(entries, before))
 
 
-def test_sparse_mezo_first_pass_must_start_from_theta() -> None:
+def test_sparse_mezo_update_without_a_packed_mask_needs_theta() -> None:
     opt, entries = _sparse()
-    keys = opt._keys(entries, 0, 0)
-    opt._in_query = True  # a query whose first pass is not the +eps one
-    try:
-        with pytest.raises(RuntimeError, match="first pass"):
-            opt._perturb(entries, keys, [-2e-3], delta=[-1e-3])
-    finally:
-        opt._in_query = False
-
-
-def test_sparse_mezo_update_outside_a_query_needs_theta() -> None:
-    opt, entries = _sparse()
-    keys = opt._keys(entries, 0, 0)
-    with pytest.raises(RuntimeError, match="outside an SPSA query"):
-        opt._update(entries, keys, [1.0], [0.0], [-1e-3])
+    dirs = Masked.for_query(opt, entries, 0, 0)
+    before = [e.view.local.clone() for e in entries]
+    with pytest.raises(RuntimeError, match="without a packed mask must start from theta"):
+        dirs[0].update_(1.0, 0.0, -1e-3)
+    assert all(torch.equal(e.view.local, b) for e, b in zip(entries, before))
 
 
 def test_sparse_mezo_steps_on_a_rank_that_holds_no_trainable_shard() -> None:

@@ -23,8 +23,26 @@ from torch.func import functional_call
 from zoscale import noise
 from zoscale.models import tiny_llama
 from zoscale.optim.base import NonFiniteLossError
+from zoscale.optim.directions import Masked
 from zoscale.optim.mezo import MeZO
 from zoscale.optim.sparse_mezo import RadixSelect, SparseMeZO, tuned_count
+
+
+def _masked_directions(monkeypatch: pytest.MonkeyPatch) -> list[list[Masked]]:
+    """Every query's directions, as Sparse MeZO makes them (their packed masks can be inspected)."""
+    made: list[list[Masked]] = []
+    real = Masked.for_query.__func__  # type: ignore[attr-defined]
+
+    def recording(cls: type, *args: object, **kwargs: object) -> list[Masked]:
+        made.append(real(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(Masked, "for_query", classmethod(recording))
+    return made
+
+
+def _no_mask_held(made: list[list[Masked]]) -> bool:
+    return bool(made) and all(d.words is None for dirs in made for d in dirs)
 
 KINDS = ["gaussian", "rademacher"]
 IDS = torch.randint(0, 262, (8, 16), generator=torch.Generator().manual_seed(1))
@@ -323,7 +341,9 @@ def test_matches_the_reference_loop_with_one_mask_per_query(kind, q, one_sided, 
 
 
 @pytest.mark.parametrize("master", [False, True])
-def test_both_forwards_see_the_same_mask_from_the_unperturbed_point(master: bool) -> None:
+def test_both_forwards_see_the_same_mask_from_the_unperturbed_point(master: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _masked_directions(monkeypatch)
     model = mlp()
     x, y = data()
     opt = SparseMeZO(model.named_parameters(), lr=0.05, eps=0.05, sparsity=0.5, seed=1, master_weights=master)
@@ -334,7 +354,7 @@ def test_both_forwards_see_the_same_mask_from_the_unperturbed_point(master: bool
         seen.append(params_of(model))
         if len(seen) == 2:  # words of the query in progress: 1 bit per element, never more
             assert master or all(w.dtype == torch.int32 and w.numel() == noise.mask_words(0, p.numel())
-                                 for w, p in zip(opt._words.values(), model.parameters()))
+                                 for w, p in zip((d.words for d in made[-1]), model.parameters()))
         return F.cross_entropy(model(x), y)
 
     theta = params_of(model)
@@ -350,7 +370,7 @@ def test_both_forwards_see_the_same_mask_from_the_unperturbed_point(master: bool
             assert torch.equal(point[~m], t[~m])
         total_crossed += int(crossed.sum())
     assert total_crossed > 0  # entries that |theta + eps z| pushed past h were still perturbed by -eps
-    assert opt._words is None  # freed after the update
+    assert _no_mask_held(made)  # freed after the update
 
 
 # ----------------------------------------------------------------------------- MeZO at sparsity 0
@@ -460,7 +480,9 @@ def test_replaying_the_step_log_reproduces_the_run(master: bool) -> None:
 
 @pytest.mark.parametrize("master", [True, False])
 @pytest.mark.parametrize("fail_call", [1, 2])
-def test_non_finite_loss_restores_and_frees_the_mask(master: bool, fail_call: int) -> None:
+def test_non_finite_loss_restores_and_frees_the_mask(master: bool, fail_call: int,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _masked_directions(monkeypatch)
     model = mlp(torch.float32)
     x, y = data(torch.float32)
     opt = SparseMeZO(model.named_parameters(), lr=1e-2, eps=1e-3, sparsity=0.5, master_weights=master)
@@ -475,7 +497,7 @@ def test_non_finite_loss_restores_and_frees_the_mask(master: bool, fail_call: in
 
     with pytest.raises(NonFiniteLossError):
         opt.step(closure)
-    assert opt.step_count == 1 and opt._words is None
+    assert opt.step_count == 1 and _no_mask_held(made)
     for n, p in model.named_parameters():
         frozen = before[n].abs() > h[n]
         assert torch.equal(p.detach()[frozen], before[n][frozen]), n
@@ -499,11 +521,12 @@ def test_loss_falls_on_a_tiny_llama() -> None:
     assert end < start - 0.07, (start, end)
 
 
-def test_state_holds_no_full_size_tensor() -> None:
+def test_state_holds_no_full_size_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    made = _masked_directions(monkeypatch)
     model = _llama()
     opt = SparseMeZO(model.named_parameters(), lr=1e-3, sparsity=0.8, q=2)
     for _ in range(2):
         opt.step(_closure(model))
     for st in opt.state.values():
         assert set(st) == {"threshold"} and isinstance(st["threshold"], float)
-    assert opt._words is None
+    assert _no_mask_held(made)

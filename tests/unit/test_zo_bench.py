@@ -18,7 +18,7 @@ from zoscale import noise
 from zoscale.models import tiny_llama
 from zoscale.optim.base import NonFiniteLossError
 from zoscale.optim.mezo import MeZO
-from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
+from zoscale.optim import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
 
 KINDS = ["gaussian", "rademacher"]
 

@@ -1,15 +1,20 @@
-"""Zeroth-order optimizers (``torch.optim.Optimizer`` subclasses)."""
+"""Zeroth-order optimizers (``torch.optim.Optimizer`` subclasses), one module each.
+
+Every module of this package is imported here, so an optimizer registered with
+``@register`` (``zoscale.optim.registry``) in a new file is selectable by name at once.
+"""
+
+import importlib
+import pkgutil
 
 from zoscale.optim.base import NonFiniteLossError, ZOOptimizer
-from zoscale.optim.blockwise import BlockwiseZO
-from zoscale.optim.forward_grad import ForwardGrad
-from zoscale.optim.hybrid import HybridZOFO
-from zoscale.optim.lezo import LeZO
-from zoscale.optim.lozo import LOZO, LOZOM
-from zoscale.optim.mezo import MeZO
-from zoscale.optim.sparse_mezo import SparseMeZO
-from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
-from zoscale.optim.registry import OPTIMIZERS, build_optimizer, get_optimizer_class
+from zoscale.optim.registry import OPTIMIZERS, build_optimizer, get_optimizer_class, register
 
-__all__ = ["MeZO", "LeZO", "LOZO", "LOZOM", "HybridZOFO", "BlockwiseZO", "ForwardGrad", "SparseMeZO",
-           "ZOSGDSign", "ZOSGDMMT", "ZOSGDCons", "ZOAdam", "ZOOptimizer", "NonFiniteLossError", "OPTIMIZERS", "build_optimizer", "get_optimizer_class"]
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+# The optimizers by class name (MeZO, LeZO, ...), as ``from zoscale.optim import MeZO``.
+globals().update({cls.__name__: cls for cls in OPTIMIZERS.values()})
+
+__all__ = ["ZOOptimizer", "NonFiniteLossError", "OPTIMIZERS", "build_optimizer", "get_optimizer_class", "register",
+           *sorted(cls.__name__ for cls in OPTIMIZERS.values())]

@@ -7,10 +7,9 @@ ZO and first order; the estimator is from "Gradients without Backpropagation" (B
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -20,7 +19,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
 from zoscale import noise
-from zoscale.optim.base import NonFiniteLossError, ShardEntry, ZOOptimizer
+from zoscale.optim import options as opts
+from zoscale.optim.base import NonFiniteLossError, ZOOptimizer
+from zoscale.optim.registry import register
+from zoscale.optim.schedules import Averaged
 from zoscale.shards import ShardProvider
 
 __all__ = ["ForwardGrad"]
@@ -66,6 +68,7 @@ def _dtensor_type() -> type | None:
     return getattr(module, "DTensor", None) if module is not None else None
 
 
+@register("forward_grad")
 class ForwardGrad(ZOOptimizer):
     r"""Forward-gradient SGD: one forward-mode JVP per query, no backward pass.
 
@@ -153,23 +156,14 @@ class ForwardGrad(ZOOptimizer):
         >>> loss = opt.step(lambda: loss_fn(model(batch)))
     """
 
-    GLOBAL_KEYS = ("q", "noise", "seed", "master_weights")
+    OPTIONS = (opts.LR, opts.WEIGHT_DECAY, opts.Q, opts.NOISE, opts.SEED, opts.MASTER_WEIGHTS)
+    schedule = Averaged()
+    #: ``build_optimizer`` hands it the model (``module``).
+    NEEDS_MODULE = True
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-6,
-        weight_decay: float = 0.0,
-        *,
-        module: torch.nn.Module | None = None,
-        q: int = 1,
-        noise: str = "gaussian",
-        seed: int = 0,
-        master_weights: bool = False,
-        shards: ShardProvider | None = None,
-    ) -> None:
-        defaults = dict(lr=lr, weight_decay=weight_decay, q=q, noise=noise, seed=seed, master_weights=master_weights)
-        super().__init__(params, defaults, shards)
+    def __init__(self, params: Iterable[Any], *, module: torch.nn.Module | None = None,
+                 shards: ShardProvider | None = None, **options: Any) -> None:
+        super().__init__(params, shards=shards, **options)
         if not isinstance(module, torch.nn.Module):
             raise ValueError(
                 f"Invalid module: {module!r} (ForwardGrad runs the closure with dual tensors swapped into the "
@@ -190,22 +184,21 @@ class ForwardGrad(ZOOptimizer):
         Raises:
             ValueError: an unknown or invalid option, named.
         """
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "shards", "module"}
-        unknown = sorted(set(options) - accepted)
+        unknown = opts.unknown_options(cls.OPTIONS, options)
         if unknown:
-            raise ValueError(f"Unknown parameter(s) {unknown} for optimizer 'forward_grad'; accepted: {sorted(accepted)}")
+            raise ValueError(f"Unknown parameter(s) {unknown} for optimizer 'forward_grad'; accepted: "
+                             f"{cls.accepted_options()}")
         probe = torch.nn.Linear(1, 1, bias=False)
         cls(probe.named_parameters(), module=probe, **options)
 
-    @staticmethod
-    def _validate_group(group: dict[str, Any]) -> None:
+    def _validate_group(self, group: dict[str, Any]) -> dict[str, Any]:
         for key in ("eps", "one_sided"):
             if key in group:
                 raise ValueError(
                     f"Invalid {key}: {group[key]!r} (ForwardGrad computes the directional derivative exactly "
                     f"with forward-mode AD; it has no {key})"
                 )
-        ZOOptimizer._validate_group({**group, "eps": 1.0, "one_sided": False})
+        return super()._validate_group(group)
 
     def _check_engine(self) -> None:
         """Reject sharded parameters, looking at attributes before asking the provider."""
@@ -250,23 +243,22 @@ class ForwardGrad(ZOOptimizer):
         return names
 
     # ----------------------------------------------------------------- the JVP
-    def _tangents(self, entries: list[ShardEntry], keys: list[int]) -> dict[str, torch.Tensor]:
+    def _tangents(self, dirs: Sequence[Any]) -> dict[str, torch.Tensor]:
         """Dual tensors (primal: the parameter, tangent: ``v``) keyed by name under the caller."""
         names = self._module_names()
-        kind = self.param_groups[0]["noise"]
         duals = {}
-        for e, key in zip(entries, keys):
-            p, view = e.param, e.view  # a replica view (checked): offset 0, every element
-            v = noise.generate(view.offset, view.local.numel(), key, kind, device=p.device).to(p.dtype).view(p.shape)
+        for d in dirs:
+            p = d.entry.param  # a replica view (checked): offset 0, every element
+            v = d.values(0, d.entry.view.local.numel()).to(p.dtype).view(p.shape)
             duals[f"{_ROOT}.{names[id(p)]}"] = fwAD.make_dual(p.detach(), v)
         return duals
 
-    def _jvp(self, closure: Callable[[], Any], entries: list[ShardEntry], keys: list[int]) -> tuple[Any, Any]:
+    def _jvp(self, closure: Callable[[], Any], dirs: Sequence[Any]) -> tuple[Any, Any]:
         """Run the closure with the tangents ``v``; return (loss, d) on this rank."""
         with fwAD.dual_level():
-            duals = self._timed("perturb", self._tangents, entries, keys)
+            duals = self.timed("perturb", self._tangents, dirs)
             with sdpa_kernel([SDPBackend.MATH]), _ContiguousLinearInputs():
-                loss = self._call(lambda: functional_call(_Caller(self.module), duals, (closure,),
+                loss = self.call(lambda: functional_call(_Caller(self.module), duals, (closure,),
                                                           tie_weights=True, strict=False))
             if not isinstance(loss, torch.Tensor):
                 raise ValueError(f"the closure returned {type(loss).__name__}; ForwardGrad needs the loss tensor")
@@ -278,7 +270,22 @@ class ForwardGrad(ZOOptimizer):
                 )
             return primal.detach().reshape(()), tangent.detach().reshape(())
 
-    # ----------------------------------------------------------------- step
+    # ----------------------------------------------------------------- the estimate
+    def estimate(self, closure: Callable[[], Any], dirs: Sequence[Any], step: int,
+                 query: int) -> tuple[list[float], tuple[float, ...], None]:
+        """The exact directional derivative ``d`` by one JVP: ``([d] per group, (loss,), None)``.
+
+        Nothing is perturbed (offset ``None``: the weights stay at theta). A non-finite loss or
+        ``d`` raises :class:`NonFiniteLossError` before anything of the step is applied.
+        """
+        device = dirs[0].entry.view.local.device if dirs else torch.device("cpu")
+        loss, d = self._jvp(closure, dirs)
+        loss, d = self.timed("communication", self.mean_over_ranks, [loss, d], device)
+        if not (math.isfinite(loss) and math.isfinite(d)):
+            self._zo["nonfinite"] += 1
+            raise NonFiniteLossError(step, query, (loss, d))
+        return [d] * len(self.param_groups), (loss,), None
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
         """Take one forward-gradient step.
@@ -296,34 +303,8 @@ class ForwardGrad(ZOOptimizer):
             NonFiniteLossError: a loss or directional derivative was NaN/inf; nothing was
                 updated and the step counter did not advance.
         """
-        if closure is None:
-            raise ValueError("ForwardGrad.step requires a closure that returns the mean loss of this rank's micro-batch")
+        self._closure_required(closure)
         # Again here: an instance handed to an engine after construction (zero3_engine's
         # optimizer=) sees its parameters partitioned only now.
         self._check_engine()
-        self._begin_step()
-        groups = self.param_groups
-        entries = self._entries()
-        self._ensure_masters(entries)
-        step, q = self._zo["step"], groups[0]["q"]
-        device = entries[0].view.local.device if entries else torch.device("cpu")
-        results = []
-        try:
-            for k in range(q):
-                loss, d = self._jvp(closure, entries, self._keys(entries, step, k))
-                loss, d = self._timed("communication", self._mean_over_ranks, [loss, d], device)
-                if not (math.isfinite(loss) and math.isfinite(d)):
-                    self._zo["nonfinite"] += 1
-                    raise NonFiniteLossError(step, k, (loss, d))
-                results.append((loss, d))
-            lrs = [g["lr"] / q for g in groups]
-            decay = [1.0 - lr * g["weight_decay"] for lr, g in zip(lrs, groups)]
-            zero = [0.0] * len(groups)
-            for k, (loss, d) in enumerate(results):
-                keys = self._keys(entries, step, k)
-                self._timed("update", self._update, entries, keys, decay, [-lr * d for lr in lrs], zero)
-                self._log(step, k, [d] * len(groups), 1.0 / q, (loss,))  # type: ignore[arg-type]
-        finally:
-            self._end_step()
-        self._zo["step"] = step + 1
-        return sum(loss for loss, _ in results) / q
+        return super().step(closure)

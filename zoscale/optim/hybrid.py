@@ -7,14 +7,16 @@ import copy
 import inspect
 import math
 import warnings
+from collections import defaultdict
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 
-from zoscale.optim.base import NonFiniteLossError, ShardEntry, _ids_digest
-from zoscale.optim.lezo import REST, unit_of
-from zoscale.optim.mezo import MeZO
+from zoscale.optim.agreement import ids_digest
+from zoscale.optim.base import NonFiniteLossError, ShardEntry, ZOOptimizer
+from zoscale.optim.registry import register
+from zoscale.optim.selection import REST, unit_of
 from zoscale.shards import ShardProvider, canonical_name
 
 __all__ = ["HybridZOFO", "FO_OPTIMIZERS"]
@@ -24,6 +26,8 @@ FO_OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
 }
+#: The constructor's options of the FO part (not param-group options).
+FO_KEYS = ("fo_params", "fo_fraction", "fo_optimizer", "fo_lr", "fo_weight_decay", "fo_options")
 # Set through their own options (fo_lr, fo_weight_decay) or meaningless here.
 _RESERVED_FO_KEYS = ("params", "self", "lr", "weight_decay")
 
@@ -83,7 +87,8 @@ def _named_groups(params: Iterable[Any]) -> list[dict[str, Any]]:
     return groups
 
 
-class HybridZOFO(MeZO):
+@register("hybrid")
+class HybridZOFO(ZOOptimizer):
     r"""Train a named part of the model by backprop (a torch optimizer), the rest by MeZO's SPSA.
 
     ZO-Bench's hybrid scheme: the *FO part* (by default nothing; typically the last blocks,
@@ -106,7 +111,7 @@ class HybridZOFO(MeZO):
         2. ZO estimate and update of theta_zo, FO part held at theta_fo (under no_grad):
                for k in 0..q-1: MeZO's SPSA query     (+eps z_k, -2eps z_k, fused restore +
                                                        update; 2 forwards, 1 all-reduce of 2
-                                                       floats; as ZOOptimizer._spsa_query)
+                                                       floats; as MeZO)
         3. FO update: fo_optimizer.step(); fo_optimizer.zero_grad(set_to_none=True)
 
     So ``1 + 2q`` forwards (the first with grad) and one backward per step, and both parts are
@@ -191,9 +196,6 @@ class HybridZOFO(MeZO):
     def __init__(
         self,
         params: Iterable[Any],
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
         *,
         fo_params: Sequence[str] | None = None,
         fo_fraction: float | None = None,
@@ -201,12 +203,8 @@ class HybridZOFO(MeZO):
         fo_lr: float = 1e-5,
         fo_weight_decay: float = 0.0,
         fo_options: dict[str, Any] | None = None,
-        q: int = 1,
-        one_sided: bool = False,
-        noise: str = "gaussian",
-        seed: int = 0,
-        master_weights: bool = False,
         shards: ShardProvider | None = None,
+        **options: Any,
     ) -> None:
         fo_cls, fo_kwargs, patterns = self._check_fo_options(fo_params, fo_fraction, fo_optimizer, fo_lr,
                                                              fo_weight_decay, fo_options)
@@ -241,8 +239,7 @@ class HybridZOFO(MeZO):
         self.fo_names: list[str] = [canonical_name(n) for n, _ in fo_named]
         self._fo_optimizer_name = fo_optimizer.lower()
         self._fo_patterns = patterns
-        super().__init__(zo_groups, lr, eps, weight_decay, q=q, one_sided=one_sided, noise=noise, seed=seed,
-                         master_weights=master_weights, shards=shards)
+        super().__init__(zo_groups, shards=shards, **options)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a ZO param group (see the base class); also after construction.
@@ -267,7 +264,7 @@ class HybridZOFO(MeZO):
         """The base class's, plus the FO part: its optimizer, tensors and hyperparameters."""
         out = super()._shared_options()
         out["fo_optimizer"] = self._fo_optimizer_name
-        out["fo tensors"] = _ids_digest(self.fo_names)
+        out["fo tensors"] = ids_digest(self.fo_names)
         fo_groups = self.fo_optimizer.param_groups
         for gi, group in enumerate(fo_groups):
             suffix = "" if len(fo_groups) == 1 else f" (group {gi})"
@@ -325,14 +322,18 @@ class HybridZOFO(MeZO):
         Raises:
             ValueError: an unknown or invalid option, named.
         """
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "params", "shards"}
-        unknown = sorted(set(options) - accepted)
+        accepted = cls.accepted_options()
+        unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise ValueError(f"Unknown parameter(s) {unknown} for optimizer 'hybrid'; accepted: {sorted(accepted)}")
-        fo_keys = ("fo_params", "fo_fraction", "fo_optimizer", "fo_lr", "fo_weight_decay", "fo_options")
-        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k in fo_keys}
-        cls._check_fo_options(**{**defaults, **{k: v for k, v in options.items() if k in fo_keys}})
-        MeZO([("probe", torch.nn.Parameter(torch.zeros(1)))], **{k: v for k, v in options.items() if k not in fo_keys})
+            raise ValueError(f"Unknown parameter(s) {unknown} for optimizer 'hybrid'; accepted: {accepted}")
+        defaults = {k: v.default for k, v in inspect.signature(cls.__init__).parameters.items() if k in FO_KEYS}
+        cls._check_fo_options(**{**defaults, **{k: v for k, v in options.items() if k in FO_KEYS}})
+        super().check_options({k: v for k, v in options.items() if k not in FO_KEYS})
+
+    @classmethod
+    def accepted_options(cls) -> list[str]:
+        """The SPSA options and the FO part's (``FO_KEYS``)."""
+        return sorted([*super().accepted_options(), *FO_KEYS])
 
     @staticmethod
     def _select_fo(named: Named, patterns: list[str], fraction: float | None) -> set[int]:
@@ -402,22 +403,22 @@ class HybridZOFO(MeZO):
         """Forward with grad and backward for the FO part at theta; returns the rank-mean loss."""
         self.fo_optimizer.zero_grad(set_to_none=True)
         with self._zo_frozen(), torch.enable_grad():
-            loss = self._timed("fo_forward", closure)
+            loss = self.timed("fo_forward", closure)
             if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
                 raise ValueError(
                     "the closure's loss does not require grad: HybridZOFO backpropagates it into the FO part, so "
                     "the closure must not run under torch.no_grad() and must return the loss tensor"
                     + (" (it returned None)" if loss is None else "")
                 )
-            (l0,) = self._timed("communication", self._mean_over_ranks, [loss], loss.device)
+            (l0,) = self.timed("communication", self.mean_over_ranks, [loss], loss.device)
             if not math.isfinite(l0):
                 # Every rank sees the same mean, so every rank skips backward (no FSDP collective waits).
                 del loss  # free the graph now, not when the traceback goes
                 self._zo["nonfinite"] += 1
                 raise NonFiniteLossError(step, -1, (l0,))
-            self._timed("backward", loss.backward)
+            self.timed("backward", loss.backward)
         del loss
-        self._timed("communication", self._reduce_replica_grads)
+        self.timed("communication", self._reduce_replica_grads)
         return l0
 
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
@@ -439,26 +440,27 @@ class HybridZOFO(MeZO):
         if closure is None:
             raise ValueError("HybridZOFO.step requires a closure that returns the mean loss of this rank's "
                              "micro-batch (a tensor with grad)")
-        self._begin_step()
-        step, q = self._zo["step"], self.param_groups[0]["q"]
+        self.check_options_agree()
+        self._timing = defaultdict(float)
+        step = self._zo["step"]
         try:
             l0 = self._fo_pass(closure, step)
+            first = len(self._zo["log"])
             try:
                 with torch.no_grad():
-                    entries = self._select(self._entries(), step)
-                    self._ensure_masters(entries)
-                    for k in range(q):
-                        grads, losses = self._spsa_query(closure, entries, step, k, 1.0 / q)
-                        self._log(step, k, grads, 1.0 / q, losses)
-                        self._zo["log"][-1]["fo_loss"] = l0
+                    self._run_step(closure)
             except BaseException:
+                for record in self._zo["log"][first:]:  # queries applied before a non-finite one
+                    record["fo_loss"] = l0
                 self.fo_optimizer.zero_grad(set_to_none=True)  # no FO update without the ZO one
                 raise
-            self._timed("fo_update", self.fo_optimizer.step)
+            for record in self._zo["log"][first:]:
+                record["fo_loss"] = l0
+            self.timed("fo_update", self.fo_optimizer.step)
             self.fo_optimizer.zero_grad(set_to_none=True)
         finally:
-            self._end_step()
-        self._zo["step"] = step + 1
+            self.last_step_timing = dict(self._timing)
+        self.last_step["loss"] = l0
         return l0
 
     def zero_grad(self, set_to_none: bool = True) -> None:

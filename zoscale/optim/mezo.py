@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
-
-import torch
-
 from zoscale.optim.base import ZOOptimizer
-from zoscale.shards import ShardProvider
+from zoscale.optim.registry import register
 
 __all__ = ["MeZO"]
 
 
+@register("mezo")
 class MeZO(ZOOptimizer):
     r"""ZO-SGD with the SPSA gradient estimate, on this rank's parameter shards.
 
@@ -43,60 +40,11 @@ class MeZO(ZOOptimizer):
         master_weights: keep an fp32 copy of every local shard (use for bf16/fp16 models).
         shards: shard provider (default: every parameter local; engines supply their own).
 
+    The parts (``zoscale.optim.base``): dense ``z``, every tensor, ZO-SGD, each query at once.
+
     Example:
         >>> opt = MeZO(model.named_parameters(), lr=1e-6, eps=1e-3)
         >>> def closure():
         ...     return loss_fn(model(batch))
         >>> loss = opt.step(closure)
     """
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        *,
-        q: int = 1,
-        one_sided: bool = False,
-        noise: str = "gaussian",
-        seed: int = 0,
-        master_weights: bool = False,
-        shards: ShardProvider | None = None,
-    ) -> None:
-        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, q=q, one_sided=one_sided, noise=noise,
-                        seed=seed, master_weights=master_weights)
-        super().__init__(params, defaults, shards)
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
-        """Take one ZO step.
-
-        Args:
-            closure: runs the forward pass on this rank's micro-batch and returns its mean loss
-                (a tensor or float). Called ``2 q`` times, under ``torch.no_grad()``.
-
-        Returns:
-            The loss at the unperturbed point, estimated as the mean of each query's pair and
-            averaged over ranks.
-
-        Raises:
-            ValueError: no closure.
-            NonFiniteLossError: a loss was NaN/inf; parameters are restored, no step is taken.
-        """
-        if closure is None:
-            raise ValueError("MeZO.step requires a closure that returns the mean loss of this rank's micro-batch")
-        self._begin_step()
-        entries = self._select(self._entries(), self._zo["step"])
-        self._ensure_masters(entries)
-        step, q = self._zo["step"], self.param_groups[0]["q"]
-        total = 0.0
-        try:
-            for k in range(q):
-                grads, losses = self._spsa_query(closure, entries, step, k, 1.0 / q)
-                self._log(step, k, grads, 1.0 / q, losses)
-                total += 0.5 * (losses[0] + losses[1])
-        finally:
-            self._end_step()
-        self._zo["step"] = step + 1
-        return total / q

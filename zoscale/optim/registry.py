@@ -1,41 +1,37 @@
-"""Name -> optimizer class, so a DeepSpeed JSON or a CLI flag can select a ZO optimizer."""
+"""Name -> optimizer class, so a DeepSpeed JSON or a CLI flag can select a ZO optimizer.
+
+An optimizer registers itself with ``@register("name")`` in its own module; every module of
+``zoscale.optim`` is imported by the package, so a new optimizer is one new file.
+"""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
-from zoscale.optim.base import ZOOptimizer
-from zoscale.optim.blockwise import BlockwiseZO
-from zoscale.optim.forward_grad import ForwardGrad
-from zoscale.optim.hybrid import HybridZOFO
-from zoscale.optim.lezo import LeZO
-from zoscale.optim.lozo import LOZO, LOZOM
-from zoscale.optim.mezo import MeZO
-from zoscale.optim.sparse_mezo import SparseMeZO
-from zoscale.optim.zo_bench import ZOAdam, ZOSGDCons, ZOSGDMMT, ZOSGDSign
+__all__ = ["OPTIMIZERS", "register", "get_optimizer_class", "build_optimizer"]
 
-__all__ = ["OPTIMIZERS", "get_optimizer_class", "build_optimizer"]
-
-OPTIMIZERS: dict[str, type[ZOOptimizer]] = {
-    "mezo": MeZO,
-    "lezo": LeZO,
-    "hybrid": HybridZOFO,
-    "lozo": LOZO,
-    "lozo_m": LOZOM,
-    "blockwise": BlockwiseZO,
-    "forward_grad": ForwardGrad,
-    "sparse_mezo": SparseMeZO,
-    "zo_sgd_sign": ZOSGDSign,
-    "zo_sgd_mmt": ZOSGDMMT,
-    "zo_sgd_cons": ZOSGDCons,
-    "zo_adam": ZOAdam,
-}
+OPTIMIZERS: dict[str, type] = {}
+T = TypeVar("T", bound=type)
 
 
-def get_optimizer_class(name: str) -> type[ZOOptimizer]:
+def register(name: str) -> Callable[[T], T]:
+    """Class decorator: make the optimizer selectable as ``name`` (lower case, unique)."""
+
+    def add(cls: T) -> T:
+        key = name.lower()
+        if key in OPTIMIZERS and OPTIMIZERS[key] is not cls:
+            raise ValueError(f"optimizer name {key!r} is registered twice: {OPTIMIZERS[key].__qualname__} and "
+                             f"{cls.__qualname__}")
+        OPTIMIZERS[key] = cls
+        cls.name = key  # type: ignore[attr-defined]
+        return cls
+
+    return add
+
+
+def get_optimizer_class(name: str) -> type:
     """Look up an optimizer by case-insensitive name; ``ValueError`` lists the known names."""
     cls = OPTIMIZERS.get(str(name).lower())
     if cls is None:
@@ -43,29 +39,24 @@ def get_optimizer_class(name: str) -> type[ZOOptimizer]:
     return cls
 
 
-# Constructor arguments that the engine supplies, never a config.
-_ENGINE_ARGS = frozenset({"self", "params", "shards", "module"})
-
-
 def build_optimizer(name: str, params: Any, options: dict[str, Any] | None = None, *,
-                    module: torch.nn.Module | None = None, **extra: Any) -> ZOOptimizer:
+                    module: torch.nn.Module | None = None, **extra: Any) -> Any:
     """Construct a registered optimizer, rejecting unknown options by name before touching params.
 
     Args:
         name: registered name (case-insensitive).
         params: ``named_parameters()``, parameters or param groups.
-        options: the optimizer's keyword arguments from a config.
-        module: the (wrapped) model; handed to optimizers whose constructor takes ``module``
-            (forward-mode AD needs to swap parameters), ignored by the others.
+        options: the optimizer's options from a config.
+        module: the (wrapped) model; handed to optimizers that need it (forward-mode AD swaps
+            parameters), ignored by the others.
         **extra: further engine-supplied arguments (``shards``).
     """
     cls = get_optimizer_class(name)
     options = dict(options or {})
-    signature = inspect.signature(cls.__init__).parameters
-    accepted = set(signature) - _ENGINE_ARGS
-    unknown = sorted(set(options) - accepted)
+    accepted = cls.accepted_options()
+    unknown = sorted(set(options) - set(accepted))
     if unknown:
-        raise ValueError(f"Unknown parameter(s) {unknown} for optimizer {name!r}; accepted: {sorted(accepted)}")
-    if "module" in signature:
+        raise ValueError(f"Unknown parameter(s) {unknown} for optimizer {name!r}; accepted: {accepted}")
+    if getattr(cls, "NEEDS_MODULE", False):
         extra["module"] = module
     return cls(params, **options, **extra)

@@ -3,146 +3,26 @@
 from __future__ import annotations
 
 import math
-import struct
 import time
-from fractions import Fraction
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from zoscale import noise
-from zoscale.optim.base import ShardEntry, ZOOptimizer, _written
-from zoscale.optim.mezo import MeZO
-from zoscale.shards import ShardProvider
+from zoscale.optim import options as opts
+from zoscale.optim.base import ZOOptimizer
+from zoscale.optim.directions import Masked
+from zoscale.optim.radix_select import RadixSelect, tuned_count
+from zoscale.optim.registry import register
 
 __all__ = ["SparseMeZO", "RadixSelect", "tuned_count"]
 
-# Elements per chunk of the threshold's histogram passes: bounds their transient memory (about
-# 14 bytes per element of a chunk: |x| as fp32, the prefix test, the selected bits, the digits).
-_SELECT_CHUNK = 1 << 18
+SPARSITY = opts.Option("sparsity", 0.8, opts.real(0.0, high=1.0, to_float=True,
+                                                  rule="the fraction of each tensor frozen, in [0, 1)"), is_global=True)
 
 
-def tuned_count(numel: int, sparsity: float) -> int:
-    """``k = ceil((1 - s) * numel)``: how many smallest-magnitude entries a tensor tunes.
-
-    ``s`` is read as the decimal it prints as (``0.8`` is 4/5, not the binary float just above
-    it), so ``k`` is what the user expects: ``tuned_count(10, 0.8) == 2``. ``1 <= k <= numel``
-    for ``0 <= s < 1`` and ``numel >= 1``.
-    """
-    return math.ceil((1 - Fraction(repr(float(sparsity)))) * numel)
-
-
-def _float_of_bits(bits: int, width: int) -> float:
-    if width == 32:
-        return struct.unpack("<f", struct.pack("<i", bits))[0]
-    return struct.unpack("<d", struct.pack("<q", bits))[0]
-
-
-class RadixSelect:
-    """Exact k-th smallest ``|x|`` of many tensors whose elements are spread over ranks.
-
-    Non-negative IEEE floats order like their bit patterns read as integers, so the k-th
-    smallest magnitude is found one byte of its bit pattern at a time, most significant first
-    (radix select): in round ``r`` every rank counts, per tensor, its elements whose leading
-    ``8r`` bits equal the prefix found so far, in 256 bins of the next byte; the counts of all
-    tensors are summed over the ranks in ONE all-reduce; the bin where the running count reaches
-    ``k`` extends the prefix. fp32 (and bf16/fp16, compared as fp32) takes 4 rounds, fp64 8.
-    Memory: the local shards, read in chunks, plus ``tensors x 257`` counts. Communication: 4
-    (8 with fp64) all-reduces of ``tensors x 257`` int64 for ALL tensors together.
-
-    Replicas: a rank may hold a tensor whole (a replica) or a shard, and replica groups (HSDP,
-    DDP, ZeRO-3 persistent parameters) hold the same elements several times. Every element of a
-    tensor is assumed to be held by the same number ``c`` of ranks of the group (true for every
-    provider: each shard of an FSDP/HSDP/ZeRO layout is held once per replica group). The last
-    column counts the elements held, so the summed total is ``c * numel``; comparing the summed
-    counts with ``c * k`` (i.e. working in fractions of the total) is exact whatever ``c`` is.
-
-    Usage (collective: every rank calls it with the same tensors in the same order)::
-
-        sel = RadixSelect(numels, ks, widths)
-        for r in range(sel.rounds):
-            counts = sel.count(locals_, r)      # this rank's counts
-            all_reduce_sum(counts)
-            sel.advance(counts, r)
-        sel.values()                            # the k-th smallest |x| of each tensor
-
-    Args:
-        numels: elements of each (unsharded) tensor.
-        ks: the order statistic wanted per tensor, ``1 <= k <= numel`` (1 = the smallest).
-        widths: 32 (fp32, bf16, fp16: compared in fp32) or 64 (fp64) per tensor.
-    """
-
-    def __init__(self, numels: list[int], ks: list[int], widths: list[int]) -> None:
-        # Checks of the caller's arguments (ValueError). SparseMeZO.ensure_thresholds always passes
-        # valid ones: it selects only tensors with 1 <= k < numel (k = N gets h = +inf instead).
-        if not len(numels) == len(ks) == len(widths):
-            raise ValueError(f"RadixSelect takes one numel, k and width per tensor, got {len(numels)} numels, "
-                             f"{len(ks)} ks and {len(widths)} widths")
-        for t, (n, k, w) in enumerate(zip(numels, ks, widths)):
-            if not (1 <= k <= n and w in (32, 64)):
-                raise ValueError(f"RadixSelect: tensor {t} has numel {n}, k {k}, width {w}; the order statistic "
-                                 "needs 1 <= k <= numel and a width of 32 or 64 bits")
-        self.numels, self.ks, self.widths = list(numels), list(ks), list(widths)
-        self.prefix = [0] * len(numels)
-        self.below = [0] * len(numels)  # summed count of held elements with a smaller prefix
-        self.copies = [0] * len(numels)
-        self.rounds = max(widths, default=32) // 8
-
-    @staticmethod
-    def bits(x: torch.Tensor, width: int) -> torch.Tensor:
-        """The bit patterns of ``|x|`` as fp32 (int32) or fp64 (int64): non-negative integers."""
-        if width == 32:
-            return x.abs().to(torch.float32).view(torch.int32)
-        return x.abs().to(torch.float64).view(torch.int64)
-
-    def count(self, locals_: list[torch.Tensor], r: int) -> torch.Tensor:
-        """This rank's ``[tensors, 257]`` counts of round ``r`` (column 256: elements held)."""
-        device = locals_[0].device if locals_ else torch.device("cpu")
-        out = torch.zeros(len(locals_), 257, dtype=torch.int64, device=device)
-        for t, (x, width) in enumerate(zip(locals_, self.widths, strict=True)):
-            out[t, 256] = x.numel()
-            if r >= width // 8:
-                continue
-            shift = width - 8 * (r + 1)
-            for a in range(0, x.numel(), _SELECT_CHUNK):
-                b = self.bits(x[a:a + _SELECT_CHUNK], width)
-                if r > 0:
-                    b = b[(b >> (shift + 8)) == self.prefix[t]]
-                out[t, :256] += torch.bincount((b >> shift) & 255, minlength=256)
-        return out
-
-    def advance(self, counts: torch.Tensor, r: int) -> None:
-        """Extend every tensor's prefix by one byte from the counts summed over the ranks."""
-        rows = counts.tolist()
-        for t, row in enumerate(rows):
-            if r == 0:
-                held, n = row[256], self.numels[t]
-                if held == 0 or held % n:
-                    raise RuntimeError(
-                        f"tensor {t}: the ranks hold {held} elements of a tensor of {n}; every element must "
-                        "be held by the same number of ranks of the group (shards once per replica group)"
-                    )
-                self.copies[t] = held // n
-            if r >= self.widths[t] // 8:
-                continue
-            target = self.ks[t] * self.copies[t]
-            running = self.below[t]
-            for digit in range(256):
-                if running + row[digit] >= target:
-                    break
-                running += row[digit]
-            else:  # unreachable when the counts are consistent
-                raise RuntimeError(f"tensor {t}: counts do not reach k = {self.ks[t]} in round {r}")
-            self.below[t] = running
-            self.prefix[t] = (self.prefix[t] << 8) | digit
-
-    def values(self) -> list[float]:
-        """The k-th smallest magnitude of each tensor (after all rounds)."""
-        return [_float_of_bits(p, w) for p, w in zip(self.prefix, self.widths)]
-
-
-class SparseMeZO(MeZO):
+@register("sparse_mezo")
+class SparseMeZO(ZOOptimizer):
     r"""MeZO that perturbs and updates only the small-magnitude entries of each tensor.
 
     Per trainable tensor ``T`` with ``N`` elements, a threshold ``h_T`` is fixed once, from the
@@ -208,33 +88,8 @@ class SparseMeZO(MeZO):
         >>> loss = opt.step(closure)   # the first step also fixes the thresholds (collective)
     """
 
-    GLOBAL_KEYS: tuple[str, ...] = MeZO.GLOBAL_KEYS + ("sparsity",)
-
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float = 1e-6,
-        eps: float = 1e-3,
-        weight_decay: float = 0.0,
-        *,
-        sparsity: float = 0.8,
-        q: int = 1,
-        one_sided: bool = False,
-        noise: str = "gaussian",
-        seed: int = 0,
-        master_weights: bool = False,
-        shards: ShardProvider | None = None,
-    ) -> None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"Invalid sparsity: {sparsity!r} (the fraction of each tensor frozen, in [0, 1))")
-        # The SPSA query in progress (no master weights): whether one is open, and the packed
-        # masks of its tensors, id(param) -> int32 words, from its first pass (None before it).
-        self._in_query = False
-        self._words: dict[int, torch.Tensor] | None = None
-        # sparsity is global (GLOBAL_KEYS): in the defaults, so every group holds the optimizer's.
-        defaults = dict(lr=lr, eps=eps, weight_decay=weight_decay, q=q, one_sided=one_sided, noise=noise,
-                        seed=seed, master_weights=master_weights, sparsity=float(sparsity))
-        ZOOptimizer.__init__(self, params, defaults, shards)  # MeZO.__init__ only builds MeZO's defaults
+    OPTIONS = opts.SPSA_OPTIONS + (SPARSITY,)
+    direction = Masked
 
     # ----------------------------------------------------------------- thresholds
     def _trainable(self) -> list[torch.Tensor]:
@@ -289,101 +144,15 @@ class SparseMeZO(MeZO):
                     out[self._stable_id(g, i, p)] = self.state[p]["threshold"]
         return out
 
-    # ----------------------------------------------------------------- masked passes
-    def _perturb(self, entries: list[ShardEntry], keys: list[int], scale: list[float], *, delta: list[float]) -> None:
-        kind = self.param_groups[0]["noise"]
-        masters = self.param_groups[0]["master_weights"]
-        first = not masters and self._words is None
-        if not masters and not self._in_query:
-            # Cannot happen through step(): the base class perturbs only in _spsa_estimate, which
-            # this class reaches only through _spsa_query, and that opens the query.
-            raise RuntimeError("SparseMeZO: a perturbation pass outside an SPSA query; without master weights "
-                               "the packed masks live from a query's first pass to its update (_spsa_query)")
-        if first:  # the query's first pass: the shards still hold theta; pack its mask
-            if scale != delta:
-                # Cannot happen: both estimates start with perturb(eps, eps) from theta (offset 0),
-                # and the mask must be read from theta, before any edit.
-                raise RuntimeError(f"SparseMeZO: the first pass of a query must start from theta (scale == delta), "
-                                   f"got scale {scale} and delta {delta}")
-            self._words = self._allocate_words(entries)
-        for e, key in zip(entries, keys):
-            v, gi, h = e.view, e.group_index, e.state["threshold"]
-            if masters:
-                noise.masked_perturb_from_master_(v.local, e.state["master"], v.offset, key, delta[gi], h, kind)
-            elif first:
-                noise.masked_axpbz_pack_(v.local, self._words[id(e.param)], v.offset, key, 1.0, scale[gi], h, kind)
-            else:
-                noise.masked_axpbz_(v.local, self._words[id(e.param)], v.offset, key, 1.0, scale[gi], kind)
-            _written(v)
-
-    @staticmethod
-    def _allocate_words(entries: list[ShardEntry]) -> dict[int, torch.Tensor]:
-        """The packed masks of a query: slices of one int32 buffer per device (1 bit per element).
-
-        One allocation (instead of one per tensor, interleaved with the forward's activations)
-        leaves no holes in the host heap when it is freed.
-        """
-        sizes: dict[torch.device, int] = {}
-        for e in entries:
-            dev = e.view.local.device
-            sizes[dev] = sizes.get(dev, 0) + noise.mask_words(e.view.offset, e.view.local.numel())
-        buffers = {dev: torch.empty(n, dtype=torch.int32, device=dev) for dev, n in sizes.items()}
-        used = dict.fromkeys(sizes, 0)
-        out = {}
-        for e in entries:
-            dev, n = e.view.local.device, noise.mask_words(e.view.offset, e.view.local.numel())
-            out[id(e.param)] = buffers[dev][used[dev]:used[dev] + n]
-            used[dev] += n
-        return out
-
-    def _update(self, entries: list[ShardEntry], keys: list[int], decay: list[float],
-                z_coef: list[float], current_offset: list[float]) -> None:
-        kind = self.param_groups[0]["noise"]
-        masters = self.param_groups[0]["master_weights"]
-        for e, key in zip(entries, keys):
-            v, gi, h = e.view, e.group_index, e.state["threshold"]
-            if masters:
-                noise.masked_update_master_(v.local, e.state["master"], v.offset, key, decay[gi], z_coef[gi], h, kind)
-            else:
-                # theta = x - off*z on the mask  =>  decay*theta + c*z = decay*x + (c - decay*off)*z
-                b = z_coef[gi] - decay[gi] * current_offset[gi]
-                if self._in_query:
-                    words = self._words.pop(id(e.param), None) if self._words is not None else None
-                    if words is None:
-                        # Cannot happen: a query updates (or restores) the entries its first pass
-                        # perturbed, and that pass packed a mask for each of them.
-                        raise RuntimeError(f"SparseMeZO: no packed mask for {e.stable_id!r} in the query's update")
-                    noise.masked_axpbz_(v.local, words, v.offset, key, decay[gi], b, kind)
-                else:  # outside a query (replay): the shard holds theta, the mask is |x| <= h
-                    if current_offset[gi] != 0.0:
-                        # Cannot happen: replay updates from theta itself (offset 0).
-                        raise RuntimeError(f"SparseMeZO: an update outside an SPSA query must start from theta "
-                                           f"(offset 0), got offsets {current_offset}")
-                    words = torch.empty(noise.mask_words(v.offset, v.local.numel()), dtype=torch.int32,
-                                        device=v.local.device)
-                    noise.masked_axpbz_pack_(v.local, words, v.offset, key, decay[gi], b, h, kind)
-                del words
-            _written(v)
-
-    def _spsa_query(self, closure: Callable[[], Any], entries: list[ShardEntry], step: int, query: int,
-                    lr_scale: float) -> tuple[list[float], tuple[float, float]]:
-        # The packed masks live from the query's first pass to its update (or restore).
-        self._in_query, self._words = True, None
-        try:
-            return super()._spsa_query(closure, entries, step, query, lr_scale)
-        finally:
-            self._in_query, self._words = False, None
-
     # ----------------------------------------------------------------- step and replay
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]
         """Take one Sparse MeZO step (the first one also fixes the thresholds: collective).
 
-        Args, returns and raises as :meth:`MeZO.step`; ``last_step_timing["threshold"]`` gives
-        the seconds spent fixing thresholds on the step that did it.
+        Args, returns and raises as :meth:`ZOOptimizer.step`; ``last_step_timing["threshold"]``
+        gives the seconds spent fixing thresholds on the step that did it.
         """
-        if closure is None:
-            raise ValueError("SparseMeZO.step requires a closure that returns the mean loss of this rank's micro-batch")
+        self._closure_required(closure)
         self.check_options_agree()  # before the thresholds' collectives (and before anything moves)
         t0 = time.perf_counter()
         computed = self.ensure_thresholds()
