@@ -19,6 +19,7 @@ os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // _lo
 import argparse  # noqa: E402
 import functools  # noqa: E402
 
+from zoscale.engines.registry import engine_names  # noqa: E402
 from zoscale.train.launch import run_cli  # noqa: E402
 from zoscale.train.score import score  # noqa: E402
 
@@ -29,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adapter", help="a peft adapter folder to put on --model (e.g. a LoRA run's final/)")
     parser.add_argument("--config", help="JSON run configuration (its data.* and model.* apply)")
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (engine: deepspeed)")
-    parser.add_argument("--engine", choices=["local", "deepspeed", "fsdp"])
+    parser.add_argument("--engine", choices=engine_names())
     parser.add_argument("--hsdp", help="FSDP2 hybrid sharding mesh REPLICAS,SHARDS")
     parser.add_argument("--data", help="the task's data: a data set folder or a file")
     parser.add_argument("--seed", type=int)

@@ -24,6 +24,7 @@ import argparse  # noqa: E402
 import faulthandler  # noqa: E402
 import signal  # noqa: E402
 
+from zoscale.engines.registry import engine_names  # noqa: E402
 from zoscale.train.launch import run_cli  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON run configuration (fields: zoscale/train/config.py)")
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (engine: deepspeed)")
-    parser.add_argument("--engine", choices=["local", "deepspeed", "fsdp"],
+    parser.add_argument("--engine", choices=engine_names(),
                         help="default: deepspeed with --ds_config, else local (one process or replicas)")
     parser.add_argument("--hsdp", help="FSDP2 hybrid sharding mesh REPLICAS,SHARDS (e.g. 2,2)")
     parser.add_argument("--model", help="local HF folder, hub name, smollm2-135m (default), tiny-llama, tiny-opt")

@@ -13,7 +13,10 @@ Providers:
 
 A provider also names the process group over which the loss pair is averaged
 (``loss_group``): the data-parallel group; ``None`` means the default group when
-``torch.distributed`` is initialised, and no communication otherwise.
+``torch.distributed`` is initialised, and no communication otherwise. And it states what its
+layout lets code assume (``capabilities``, a :class:`ShardCapabilities`), so that an optimizer
+that needs whole tensors or backpropagates asks the provider instead of probing parameters
+for engine attributes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable, Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["ShardView", "ShardProvider", "LocalShards", "canonical_name", "WRAPPER_PREFIXES"]
+__all__ = ["ShardView", "ShardCapabilities", "ShardProvider", "LocalShards", "canonical_name", "WRAPPER_PREFIXES"]
 
 # Name fragments that wrappers insert and that must not change a tensor's identity.
 WRAPPER_PREFIXES: tuple[str, ...] = (
@@ -86,11 +89,36 @@ class ShardView:
             raise ValueError(f"global_shape {tuple(self.global_shape)} does not have {self.numel} elements")
 
 
+@dataclass(frozen=True)
+class ShardCapabilities:
+    """What a shard provider's layout guarantees, for every parameter it is asked about.
+
+    Attributes:
+        whole_parameters: every view is the whole tensor, in the parameter's own storage
+            (``replicated``, ``offset`` 0, ``local.numel() == numel``): what forward-mode AD or a
+            backward pass into the module's own tensors needs. False: views may be shards (ZeRO-3
+            partitions, FSDP2 rows), even where one happens to cover a whole tensor.
+        reduces_gradients: the engine reduces ``.grad`` over the data-parallel ranks during
+            ``loss.backward()`` (FSDP2's reduce-scatter, and the all-reduce across replicas
+            under HSDP), so an optimizer that backpropagates must not reduce it again. False:
+            after ``loss.backward()`` each rank holds its own micro-batch's gradient (replicas,
+            DeepSpeed without its own optimizer, whose reduction hooks are then absent).
+        engine: the registry name of the engine the layout comes from (``local``,
+            ``deepspeed``, ``fsdp``; see ``zoscale.engines.registry``), for messages.
+    """
+
+    whole_parameters: bool
+    reduces_gradients: bool
+    engine: str
+
+
 @runtime_checkable
 class ShardProvider(Protocol):
     """Maps a parameter to this rank's :class:`ShardView`."""
 
     loss_group: object | None
+    capabilities: ShardCapabilities
+    """What every view of this provider guarantees (see :class:`ShardCapabilities`)."""
 
     def view(self, param: torch.Tensor) -> ShardView:
         """The view of ``param`` on this rank."""
@@ -104,6 +132,8 @@ class LocalShards:
         loss_group: process group over which the loss pair is averaged (None: the default
             group if ``torch.distributed`` is initialised).
     """
+
+    capabilities = ShardCapabilities(whole_parameters=True, reduces_gradients=False, engine="local")
 
     def __init__(self, loss_group: object | None = None) -> None:
         self.loss_group = loss_group

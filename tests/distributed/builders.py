@@ -116,3 +116,17 @@ def full_params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
         with deepspeed.zero.GatheredParameters([p for _, p in named]):
             return {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
     return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in named}
+
+
+def whole_views(provider: Any, params: list[torch.Tensor]) -> list[bool]:
+    """Per parameter, whether ``provider``'s view is the whole tensor in the parameter's own storage.
+
+    Raises AssertionError if the provider claims ``capabilities.whole_parameters`` and a view is not
+    (collective for providers whose first view of a persistent ZeRO-3 parameter all-gathers).
+    """
+    views = [provider.view(p) for p in params]
+    whole = [v.replicated and v.offset == 0 and v.local.numel() == v.numel and v.local.data_ptr() == p.data_ptr()
+             for v, p in zip(views, params)]
+    if provider.capabilities.whole_parameters:
+        assert all(whole), (type(provider).__name__, whole)
+    return whole

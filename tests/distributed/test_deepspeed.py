@@ -20,7 +20,7 @@ deepspeed = import_deepspeed()
 
 from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload  # noqa: E402
 
-from tests.distributed.builders import BATCH, MODELS, full_params, mlp, rank_part, token_ids  # noqa: E402
+from tests.distributed.builders import BATCH, MODELS, full_params, mlp, rank_part, token_ids, whole_views  # noqa: E402
 from tests.distributed.collectives import Collectives  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
 from zoscale.engines import DeepSpeedShards, zero3_engine  # noqa: E402
@@ -104,6 +104,12 @@ def _worker(rank: int, world: int, q: int, out: str) -> None:
             else:
                 assert engine.optimizer is None
             assert isinstance(opt.shards, DeepSpeedShards)
+            # Capabilities: ZeRO-2 gives whole replicas (whole_views checks every view), ZeRO-3 may
+            # shard (with threshold 0 every tensor is); DeepSpeed without its optimizer reduces no gradient.
+            caps = opt.shards.capabilities
+            assert (caps.whole_parameters, caps.reduces_gradients, caps.engine) == (not stage3, False, "deepspeed")
+            whole = whole_views(opt.shards, params)
+            assert name != "zero3" or not any(whole), whole
 
             losses = []
             # deepspeed.comm forwards to its TorchBackend, which looks most torch.distributed

@@ -25,7 +25,7 @@ from tests.distributed.spawn import run  # noqa: E402
 from zoscale.data.formats import read_split  # noqa: E402
 from zoscale.data.tasks import Encoder, Task, build_family, task_spec  # noqa: E402
 from zoscale.models import tiny_llama, tiny_tokenizer  # noqa: E402
-from zoscale.train.engine import LocalEngine  # noqa: E402
+from zoscale.engines.local import LocalEngine  # noqa: E402
 from zoscale.train.evaluation import evaluate  # noqa: E402
 
 pytestmark = pytest.mark.distributed

@@ -259,6 +259,16 @@ def _consolidate_worker(rank: int, world: int, out: str) -> None:
     assert engine.world_size == world and engine.loss_group is None
     with pytest.raises(ValueError, match="after wrapping"):
         engine.shards.view(stale)
+    # Capabilities: views are shards, and FSDP2 reduces gradients in backward (each .grad is a
+    # DTensor laid out like its parameter, not this rank's own full-size gradient).
+    caps = engine.shards.capabilities
+    assert (caps.whole_parameters, caps.reduces_gradients, caps.engine) == (False, True, "fsdp")
+    assert not any(builders.whole_views(engine.shards, list(engine.module.parameters())))
+    ids = builders.token_ids()[builders.rank_part(rank, world)]
+    engine.module(input_ids=ids, labels=ids).loss.backward()
+    for n, p in engine.module.named_parameters():
+        assert p.grad.placements == p.placements and p.grad.to_local().shape == p.to_local().shape, n
+        p.grad = None
     opt = MeZO(engine.module.named_parameters(), shards=engine.shards, **OPTIONS)
     x, y = _micro_batch("llama", rank, world)
     for _ in range(2):

@@ -214,7 +214,7 @@ def test_lezo_on_zero3_follows_the_single_process_trajectory(tmp_path: Path) -> 
 
 
 def test_every_shipped_ds_config_is_valid() -> None:
-    from zoscale.engines.deepspeed import load_ds_config
+    from zoscale.train.ds_config import load_ds_config
 
     configs = sorted((ROOT / "ds_configs").glob("*.json"))
     assert {c.name for c in configs} >= {"zero3_mezo.json", "zero2_mezo.json", "zero3_mezo_bf16.json", "zero3_lezo.json"}

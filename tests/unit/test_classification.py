@@ -19,7 +19,7 @@ from zoscale.data.tasks import Classification, Encoder, Task, build_task, label_
 from zoscale.data.tasks.suite import sst2
 from zoscale.models import tiny_llama, tiny_opt, tiny_tokenizer
 from zoscale.train.config import DataConfig
-from zoscale.train.engine import LocalEngine
+from zoscale.engines.local import LocalEngine
 from zoscale.train.evaluation import evaluate
 
 SENTENCES = [

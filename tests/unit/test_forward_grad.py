@@ -14,7 +14,7 @@ from zoscale import noise
 from zoscale.models import tiny_llama
 from zoscale.optim.base import NonFiniteLossError
 from zoscale.optim.forward_grad import ForwardGrad
-from zoscale.shards import LocalShards, ShardView
+from zoscale.shards import LocalShards, ShardCapabilities, ShardView
 
 KINDS = ["gaussian", "rademacher"]
 
@@ -380,14 +380,19 @@ class _RecordingShards(LocalShards):
                          replicated=False)
 
 
+class _ZeRO3Shards(_RecordingShards):
+    """A provider whose capabilities are ZeRO-3's: partitioned parameters."""
+
+    capabilities = ShardCapabilities(whole_parameters=False, reduces_gradients=False, engine="deepspeed")
+
+
 def test_zero3_parameters_are_rejected_before_the_provider_is_asked() -> None:
-    """ZeRO-3 marks its parameters with ``ds_tensor``: rejected by name, no view requested
-    (a view of a persistent ZeRO-3 parameter may all-gather)."""
+    """The provider's capabilities say its parameters are partitioned: rejected by name, no view
+    requested (a view of a persistent ZeRO-3 parameter may all-gather)."""
     model = mlp()
-    model[2].weight.ds_tensor = torch.zeros(12, dtype=torch.float64)  # what deepspeed.zero.Init adds
-    shards = _RecordingShards()
+    shards = _ZeRO3Shards()
     before = params_of(model)
-    with pytest.raises(ValueError, match=r"DeepSpeed ZeRO-3.*'2\.weight'|'2\.weight'.*DeepSpeed ZeRO-3"):
+    with pytest.raises(ValueError, match=r"_ZeRO3Shards \(deepspeed\) is DeepSpeed ZeRO-3"):
         ForwardGrad(model.named_parameters(), module=model, shards=shards)
     assert shards.asked == []
     assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
@@ -399,14 +404,14 @@ def test_sharded_views_are_rejected_naming_the_provider() -> None:
         ForwardGrad(model.named_parameters(), module=model, shards=_RecordingShards(sharded=True))
 
 
-def test_parameters_partitioned_after_construction_are_rejected_at_step() -> None:
-    """zero3_engine(optimizer=instance) partitions the parameters after the optimizer exists."""
+def test_parameters_partitioned_after_construction_are_rejected() -> None:
+    """zero3_engine(optimizer=instance) partitions the parameters after the optimizer exists, then
+    hands it its provider: refused when set, before any view or step."""
     model = mlp()
-    x, y = data()
     opt = ForwardGrad(model.named_parameters(), lr=1e-2, module=model)
-    before = params_of(model)
-    model[0].weight.ds_tensor = torch.zeros(24, dtype=torch.float64)
-    calls = []
+    shards = _ZeRO3Shards()
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
-        opt.step(lambda: calls.append(1) or loss_of(model, x, y))
-    assert not calls and all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+        opt.shards = shards
+    assert shards.asked == [] and isinstance(opt.shards, LocalShards)
+
+

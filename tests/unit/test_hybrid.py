@@ -18,6 +18,7 @@ from zoscale.models import tiny_llama
 from zoscale.optim.base import NonFiniteLossError
 from zoscale.optim.hybrid import HybridZOFO
 from zoscale.optim.mezo import MeZO
+from zoscale.shards import LocalShards
 
 LLAMA_FO = ["layers.1.", "model.norm"]  # the tiny Llama's last block and final norm
 
@@ -387,19 +388,15 @@ def test_deepspeed_zero3_is_rejected_by_name_without_importing_deepspeed(monkeyp
     model = tiny_llama(seed=0)
     before = params_of(model)
     # ZeRO stages 0-2 give whole replicas through the same provider: accepted.
-    HybridZOFO(model.named_parameters(), fo_params=LLAMA_FO, shards=DeepSpeedShards())
-    # A ZeRO-3 partitioned parameter carries ds_tensor (here a stand-in).
-    model.model.layers[0].mlp.up_proj.weight.ds_tensor = torch.zeros(1)
+    HybridZOFO(model.named_parameters(), fo_params=LLAMA_FO, shards=DeepSpeedShards(zero_stage=0))
+    # ZeRO-3: sharded parameters whose gradients the engine does not reduce (its capabilities).
     with pytest.raises(ValueError, match="Invalid engine: DeepSpeed ZeRO-3 .*DeepSpeedShards"):
-        HybridZOFO(model.named_parameters(), fo_params=LLAMA_FO, shards=DeepSpeedShards())
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):  # a partitioned model and the default provider
-        HybridZOFO(model.named_parameters(), fo_params=LLAMA_FO)
+        HybridZOFO(model.named_parameters(), fo_params=LLAMA_FO, shards=DeepSpeedShards(zero_stage=3))
     # zero3_engine hands an existing optimizer its provider after DeepSpeed partitioned the model.
-    del model.model.layers[0].mlp.up_proj.weight.ds_tensor
     opt = HybridZOFO(model.named_parameters(), fo_params=LLAMA_FO)
-    model.model.layers[1].mlp.up_proj.weight.ds_tensor = torch.zeros(1)
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
-        opt.shards = DeepSpeedShards()
+        opt.shards = DeepSpeedShards(zero_stage=3)
+    assert isinstance(opt.shards, LocalShards)  # the refused provider was not taken
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]) and p.requires_grad, n
 

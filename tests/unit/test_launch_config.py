@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.distributed.spawn import free_port
-from zoscale.engines.deepspeed import load_ds_config
+from zoscale.train.ds_config import load_ds_config
 from zoscale.train.launch import make_builder, resolve_config, run_from_args
 
 

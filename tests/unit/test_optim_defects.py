@@ -7,7 +7,8 @@
        value other than the optimizer's is refused, naming the key and the group.
     4. No ``assert`` in the optimizers (gone under ``python -O``): explicit ``RuntimeError``.
     5. The compiled noise kernels leave torch's global dynamo recompile limits alone.
-    6. The docstrings of ``zoscale/train/engine.py`` and ``checkpoint.py`` name real things.
+    6. The docstrings of ``zoscale/engines/base.py`` (the engine contract) and ``checkpoint.py`` name
+       real things.
 """
 
 from __future__ import annotations
@@ -253,13 +254,13 @@ def test_compiled_noise_kernels_leave_the_global_recompile_limits_alone(tmp_path
 
 # ============================================================================ 6. docstrings
 def test_engine_docstring_names_functions_that_exist() -> None:
-    import zoscale.train.engine as engine
+    import zoscale.engines.base as engine
 
     source = "\n".join(p.read_text() for p in (REPO / "zoscale").rglob("*.py"))
     called = re.findall(r"``(?:[\w.]+\.)?(\w+)\(\)``", engine.__doc__ or "")
     assert called, "the docstring names no function"
     for name in called:
-        assert re.search(rf"def {name}\b", source), f"engine.py's docstring names {name}(), which does not exist"
+        assert re.search(rf"def {name}\b", source), f"engines/base.py's docstring names {name}(), which does not exist"
 
 
 def test_checkpoint_docstring_cites_files_of_the_repository() -> None:

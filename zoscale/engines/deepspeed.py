@@ -29,17 +29,17 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
 
-from zoscale.shards import LocalShards, ShardView
+from zoscale.engines.saving import save_pretrained
+from zoscale.shards import LocalShards, ShardCapabilities, ShardView
 
-__all__ = ["DeepSpeedShards", "DeepSpeedEngine", "DeepSpeedBuilder", "zero3_engine", "check_optimizer_section",
-           "prepare_ds_config", "load_ds_config", "disable_shm_comm_build"]
+__all__ = ["DeepSpeedShards", "DeepSpeedEngine", "DeepSpeedBuilder", "zero3_engine", "prepare_ds_config",
+           "disable_shm_comm_build"]
 
 
 # Attribute holding the full value of a persistent ZeRO-3 parameter (see the module docstring).
@@ -75,6 +75,10 @@ class DeepSpeedShards:
     Args:
         loss_group: the data-parallel process group over which the loss pair is averaged
             (None: the default group).
+        zero_stage: the ZeRO stage the engine runs: 3 partitions parameters (``capabilities``:
+            not whole), 0-2 keep whole replicas. Gradients are never reduced by DeepSpeed here
+            (zoscale gives it no optimizer, so its stage-3 reduction hooks are not installed, and
+            a plain ``loss.backward()`` bypasses ``engine.backward``'s all-reduce below stage 3).
 
     Raises (from :meth:`view`):
         NotImplementedError: ZeRO++ hierarchical partitioning (a secondary partition that
@@ -82,8 +86,10 @@ class DeepSpeedShards:
             partitions.
     """
 
-    def __init__(self, loss_group: object | None = None) -> None:
+    def __init__(self, loss_group: object | None = None, zero_stage: int = 3) -> None:
         self.loss_group = loss_group
+        self.capabilities = ShardCapabilities(whole_parameters=zero_stage < 3, reduces_gradients=False,
+                                              engine="deepspeed")
         self._replicas = LocalShards(loss_group)
 
     # ------------------------------------------------------------------ persistent parameters
@@ -162,41 +168,6 @@ class DeepSpeedShards:
 
 
 # ---------------------------------------------------------------------- the engine builder
-def check_optimizer_section(section: Any) -> tuple[str, dict[str, Any]]:
-    """Validate a DeepSpeed JSON ``"optimizer"`` section without touching the model.
-
-    The type, the names and the values of its params are checked by building the optimizer on
-    a one-element dummy parameter, so errors surface before DeepSpeed partitions the model.
-
-    Returns:
-        ``(type, params)``.
-
-    Raises:
-        ValueError: not a dict, an unknown key in the section, no ``"type"``, ``"params"`` not a
-            dict, an unknown optimizer type or parameter, or an invalid value (named).
-    """
-    from zoscale.optim import build_optimizer, get_optimizer_class
-
-    if not isinstance(section, dict):
-        raise ValueError(f"Invalid 'optimizer' section: expected a dict, got {type(section).__name__}")
-    unknown = sorted(set(section) - {"type", "params"})
-    if unknown:
-        raise ValueError(f"Unknown key(s) {unknown} in the 'optimizer' section; accepted: ['params', 'type']")
-    if "type" not in section:
-        raise ValueError("The 'optimizer' section has no 'type' (e.g. \"MeZO\")")
-    params = section.get("params", {})
-    if not isinstance(params, dict):
-        raise ValueError(f"Invalid 'optimizer.params': expected a dict, got {type(params).__name__}")
-    cls = get_optimizer_class(section["type"])
-    if hasattr(cls, "check_options"):
-        # Options that refer to the model's parameters (e.g. the hybrid's FO name patterns)
-        # cannot be checked on a probe; such classes validate everything else themselves.
-        cls.check_options(dict(params))
-    else:
-        build_optimizer(section["type"], [("probe", torch.nn.Parameter(torch.zeros(1)))], params)
-    return section["type"], dict(params)
-
-
 def prepare_ds_config(ds_config: dict[str, Any]) -> tuple[dict[str, Any], torch.dtype | None]:
     """The config DeepSpeed gets: no optimizer, and stages 1-2 mapped to stage 0.
 
@@ -237,55 +208,8 @@ def disable_shm_comm_build() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def load_ds_config(path: str | Path) -> dict[str, Any]:
-    """Read and check a DeepSpeed JSON for zoscale, before any model is loaded.
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: not JSON, no ``train_micro_batch_size_per_gpu`` (or not a positive int), a
-            ``zero_optimization.stage`` other than 0-3, or a bad ``"optimizer"`` section (see :func:`check_optimizer_section`); named.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"DeepSpeed config not found: {p}")
-    try:
-        cfg = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"DeepSpeed config {p} is not valid JSON: {e}") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"DeepSpeed config {p} must be a JSON object")
-    micro = cfg.get("train_micro_batch_size_per_gpu")
-    if micro is None:
-        raise ValueError(f"DeepSpeed config {p} has no 'train_micro_batch_size_per_gpu' (the per-rank micro-batch)")
-    if not isinstance(micro, int) or isinstance(micro, bool) or micro < 1:
-        raise ValueError(f"DeepSpeed config {p}: 'train_micro_batch_size_per_gpu' must be a positive integer, got {micro!r}")
-    zero = cfg.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ValueError(f"DeepSpeed config {p}: 'zero_optimization' must be an object, got {zero!r}")
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
-        raise ValueError(f"DeepSpeed config {p}: 'zero_optimization.stage' must be 0, 1, 2 or 3, got {stage!r}")
-    if "optimizer" not in cfg:
-        raise ValueError(f"DeepSpeed config {p} has no 'optimizer' section naming the zoscale optimizer "
-                         "(e.g. {\"type\": \"MeZO\", \"params\": {\"lr\": 1e-6, \"eps\": 1e-3}})")
-    try:
-        check_optimizer_section(cfg["optimizer"])
-    except ValueError as e:
-        raise ValueError(f"DeepSpeed config {p}: {e}") from None
-    return cfg
-
-
-def ds_dtype(ds_config: dict[str, Any]) -> torch.dtype:
-    """The compute dtype a DeepSpeed config asks for (``bf16`` / ``fp16`` sections)."""
-    if (ds_config.get("bf16") or {}).get("enabled"):
-        return torch.bfloat16
-    if (ds_config.get("fp16") or {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
 class DeepSpeedEngine:
-    """The trainer's view of a DeepSpeed engine (see ``zoscale.train.engine.Engine``).
+    """The trainer's view of a DeepSpeed engine (see :class:`zoscale.engines.base.Engine`).
 
     DeepSpeed gets the config without its ``"optimizer"`` section (see :func:`prepare_ds_config`);
     the zoscale optimizer is built by the caller on ``module.named_parameters()`` with
@@ -301,9 +225,9 @@ class DeepSpeedEngine:
             model = model.to(dtype)
         self.engine, *_ = deepspeed.initialize(model=model, config=cfg)
         self.module: torch.nn.Module = self.engine.module
-        self.shards = DeepSpeedShards(loss_group)
-        self.shards.prepare(p for p in self.module.parameters() if p.requires_grad)
         self.zero_stage = int((cfg.get("zero_optimization") or {}).get("stage", 0))
+        self.shards = DeepSpeedShards(loss_group, zero_stage=self.zero_stage)
+        self.shards.prepare(p for p in self.module.parameters() if p.requires_grad)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
 
@@ -312,31 +236,24 @@ class DeepSpeedEngine:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Under ZeRO-3 the partitions consolidated on rank 0 (collective); below it None (whole)."""
+        return self.engine._zero3_consolidated_16bit_state_dict() if self.zero_stage >= 3 else None
+
     def save_pretrained(self, path: Path, tokenizer: Any) -> None:
         """Consolidate the partitions (collective) and write a Hugging Face folder on rank 0.
 
-        A peft model is written as an adapter folder, gathering only the adapters
-        (:func:`zoscale.peft.save_adapter`).
+        A peft model is written as an adapter folder, gathering only the adapters (see
+        :func:`zoscale.engines.saving.save_pretrained`).
         """
-        from zoscale.peft import is_peft_model, save_adapter
-
-        if is_peft_model(self.module):
-            save_adapter(self.module, path, tokenizer)
-            return
-        state = self.engine._zero3_consolidated_16bit_state_dict() if self.zero_stage >= 3 else None
-        if self.rank == 0:
-            self.module.save_pretrained(path, state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
-        if self.world_size > 1:
-            dist.barrier()
+        save_pretrained(self, path, tokenizer, self.full_state_dict)
 
 
 class DeepSpeedBuilder:
     """Builds a :class:`DeepSpeedEngine`; under ZeRO-3 the model is partitioned while it loads.
 
     Args:
-        ds_config: the DeepSpeed config (checked with :func:`load_ds_config`).
+        ds_config: the DeepSpeed config (checked with ``zoscale.train.ds_config.load_ds_config``).
     """
 
     name = "deepspeed"
@@ -393,9 +310,11 @@ def zero3_engine(model: torch.nn.Module, ds_config: dict[str, Any], loss_group: 
 
     Raises:
         ValueError: no optimizer from either place, both, an invalid ``"optimizer"`` section
-            (see :func:`check_optimizer_section`), or an optimizer that is not a zoscale one.
+            (see ``zoscale.train.ds_config.check_optimizer_section``), or an optimizer that is
+            not a zoscale one.
     """
     from zoscale.optim import ZOOptimizer, build_optimizer
+    from zoscale.train.ds_config import check_optimizer_section
 
     in_json = "optimizer" in ds_config
     if optimizer is not None and in_json:

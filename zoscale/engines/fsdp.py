@@ -39,7 +39,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from zoscale.shards import LocalShards, ShardView
+from zoscale.engines.saving import save_pretrained
+from zoscale.shards import LocalShards, ShardCapabilities, ShardView
 
 __all__ = ["FSDPShards", "FSDPEngine", "FSDPBuilder", "apply_fsdp", "build_mesh", "chunk_rows",
            "find_blocks"]
@@ -84,12 +85,17 @@ class FSDPShards:
             parameters is then rejected (an optimizer built before ``fully_shard`` replaced
             the parameters would otherwise edit tensors no forward reads).
 
+    ``capabilities``: views are shards (rows of DTensors), and FSDP2 reduces gradients in
+    backward (reduce-scatter over the shard dimension, all-reduce across HSDP replicas).
+
     Raises (from :meth:`view`):
         NotImplementedError: a DTensor with another layout (``Shard(d)`` with ``d > 0`` from a
             ``shard_placement_fn``, several sharded mesh dimensions as with tensor parallelism,
             ``Partial``).
         ValueError: a stale parameter (see ``module``).
     """
+
+    capabilities = ShardCapabilities(whole_parameters=False, reduces_gradients=True, engine="fsdp")
 
     def __init__(self, loss_group: object | None = None, module: torch.nn.Module | None = None) -> None:
         self.loss_group = loss_group
@@ -216,7 +222,7 @@ def _mesh_group(mesh: Any) -> object | None:
 
 # ---------------------------------------------------------------------- the engine
 class FSDPEngine:
-    """The trainer's view of an FSDP2-wrapped model (see ``zoscale.train.engine.Engine``).
+    """The trainer's view of an FSDP2-wrapped model (see :class:`zoscale.engines.base.Engine`).
 
     The optimizer must be built on ``module.named_parameters()`` with ``shards`` *after* this
     engine exists (``fully_shard`` replaced the parameters).
@@ -252,20 +258,10 @@ class FSDPEngine:
     def save_pretrained(self, path: Path, tokenizer: Any) -> None:
         """Consolidate the shards (collective) and write a Hugging Face folder on rank 0.
 
-        A peft model is written as an adapter folder, gathering only the adapters
-        (:func:`zoscale.peft.save_adapter`).
+        A peft model is written as an adapter folder, gathering only the adapters (see
+        :func:`zoscale.engines.saving.save_pretrained`).
         """
-        from zoscale.peft import is_peft_model, save_adapter
-
-        if is_peft_model(self.module):
-            save_adapter(self.module, path, tokenizer)
-            return
-        state = self.full_state_dict()
-        if self.rank == 0:
-            self.module.save_pretrained(path, state_dict=state)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
-        dist.barrier()
+        save_pretrained(self, path, tokenizer, self.full_state_dict)
 
 
 class FSDPBuilder:

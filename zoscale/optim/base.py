@@ -152,6 +152,20 @@ class ZOOptimizer(torch.optim.Optimizer):
         self.policy = self.selection()
         super().__init__(params, defaults)
 
+    # ----------------------------------------------------------------- the shard provider
+    @property
+    def shards(self) -> ShardProvider:
+        """The shard provider; an engine may set its own after construction (checked when set)."""
+        return self._shards
+
+    @shards.setter
+    def shards(self, provider: ShardProvider) -> None:
+        self._check_provider(provider)
+        self._shards = provider
+
+    def _check_provider(self, provider: ShardProvider) -> None:
+        """Refuse a provider whose capabilities (``ShardCapabilities``) this optimizer cannot run on."""
+
     # ----------------------------------------------------------------- options
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

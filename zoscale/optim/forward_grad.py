@@ -8,7 +8,6 @@ ZO and first order; the estimator is from "Gradients without Backpropagation" (B
 from __future__ import annotations
 
 import math
-import sys
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
@@ -59,13 +58,6 @@ class _ContiguousLinearInputs(TorchFunctionMode):
         if func is F.linear and args and args[0].dim() > 2 and not args[0].is_contiguous():
             args = (args[0].contiguous(), *args[1:])
         return func(*args, **(kwargs or {}))
-
-
-def _dtensor_type() -> type | None:
-    # A DTensor can only exist once torch.distributed.tensor was imported (FSDP2 imports it);
-    # looking it up in sys.modules avoids importing it here.
-    module = sys.modules.get("torch.distributed.tensor")
-    return getattr(module, "DTensor", None) if module is not None else None
 
 
 @register("forward_grad")
@@ -200,26 +192,27 @@ class ForwardGrad(ZOOptimizer):
                 )
         return super()._validate_group(group)
 
+    _REFUSED = {
+        "deepspeed": ("is DeepSpeed ZeRO-3 (partitioned parameters). ForwardGrad cannot run on ZeRO-3: its "
+                      "forward hooks gather the partitions into plain tensors, which bypass the dual tensors "
+                      "forward-mode AD needs. Use ZeRO stage 0-2 (replicas) or an SPSA optimizer (MeZO, LeZO, "
+                      "BlockwiseZO) on ZeRO-3"),
+        "fsdp": ("gives FSDP2 DTensor shards. ForwardGrad cannot run on FSDP2: its forward hooks all-gather the "
+                 "shards into new unsharded parameters, which bypass the dual tensors forward-mode AD needs. Use "
+                 "data-parallel replicas or an SPSA optimizer (MeZO, LeZO, BlockwiseZO) on FSDP2"),
+    }
+
+    def _check_provider(self, provider: ShardProvider) -> None:
+        """Refuse a provider whose parameters are not whole (its capabilities say so; no view is asked)."""
+        caps = getattr(provider, "capabilities", None)
+        if caps is not None and not caps.whole_parameters:
+            why = self._REFUSED.get(caps.engine, "gives sharded parameters. ForwardGrad needs every rank to hold "
+                                                 "its parameters whole (one process or data-parallel replicas)")
+            raise ValueError(f"Invalid shards: the shard provider {type(provider).__name__} ({caps.engine}) {why}")
+
     def _check_engine(self) -> None:
-        """Reject sharded parameters, looking at attributes before asking the provider."""
-        dtensor = _dtensor_type()
-        for gi, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                label = repr(self._stable_id(group, i, p))
-                if hasattr(p, "ds_tensor"):
-                    raise ValueError(
-                        f"Invalid shards: parameter {label} is partitioned by DeepSpeed ZeRO-3. ForwardGrad "
-                        "cannot run on ZeRO-3: its forward hooks gather the partitions into plain tensors, "
-                        "which bypass the dual tensors forward-mode AD needs. Use ZeRO stage 0-2 (replicas) "
-                        "or an SPSA optimizer (MeZO, LeZO, BlockwiseZO) on ZeRO-3"
-                    )
-                if dtensor is not None and isinstance(p, dtensor):
-                    raise ValueError(
-                        f"Invalid shards: parameter {label} is an FSDP2 DTensor shard. ForwardGrad cannot run "
-                        "on FSDP2: its forward hooks all-gather the shards into new unsharded parameters, "
-                        "which bypass the dual tensors forward-mode AD needs. Use data-parallel replicas "
-                        "or an SPSA optimizer (MeZO, LeZO, BlockwiseZO) on FSDP2"
-                    )
+        """Reject a provider without whole parameters, then any view that is not the whole parameter."""
+        self._check_provider(self.shards)
         for e in self._entries():
             v = e.view
             if not v.replicated or v.local.numel() != v.numel or v.local.data_ptr() != e.param.data_ptr():

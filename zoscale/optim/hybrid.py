@@ -17,7 +17,7 @@ from zoscale.optim.agreement import ids_digest
 from zoscale.optim.base import NonFiniteLossError, ShardEntry, ZOOptimizer
 from zoscale.optim.registry import register
 from zoscale.optim.selection import REST, unit_of
-from zoscale.shards import ShardProvider, canonical_name
+from zoscale.shards import LocalShards, ShardProvider, canonical_name
 
 __all__ = ["HybridZOFO", "FO_OPTIMIZERS"]
 
@@ -43,21 +43,20 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _zero3_rejection(provider: Any, named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
-    """Why the hybrid cannot run on these parameters, or None.
+def _zero3_rejection(provider: ShardProvider | None) -> str | None:
+    """Why the hybrid cannot run on this provider's parameters, or None.
 
-    DeepSpeed ZeRO-3 is recognised without importing DeepSpeed: a partitioned parameter carries
-    ``ds_tensor``, and the provider is :class:`~zoscale.engines.deepspeed.DeepSpeedShards`
-    (which also serves ZeRO stages 0-2, whose parameters are whole replicas: those are fine).
+    Backprop needs gradients an engine reduces, or whole replicas whose gradients the hybrid
+    all-reduces itself: a provider whose parameters are sharded and whose engine does not reduce
+    gradients (DeepSpeed ZeRO-3 outside its own optimizer) is refused, from its capabilities.
     """
-    partitioned = next((n for n, p in named if hasattr(p, "ds_tensor")), None)
-    if partitioned is None:
+    caps = (provider if provider is not None else LocalShards()).capabilities
+    if caps.whole_parameters or caps.reduces_gradients:
         return None
-    provider_name = "LocalShards (default)" if provider is None else type(provider).__name__
     return (
-        f"Invalid engine: DeepSpeed ZeRO-3 (parameter {partitioned!r} is ZeRO-3 partitioned; shard provider "
-        f"{provider_name}). HybridZOFO backpropagates into its FO part, and under ZeRO-3 gradients are reduced "
-        "and partitioned only by hooks that DeepSpeed's own stage-3 optimizer installs "
+        f"Invalid engine: DeepSpeed ZeRO-3 (shard provider {type(provider).__name__}: sharded parameters whose "
+        "gradients the engine does not reduce). HybridZOFO backpropagates into its FO part, and under ZeRO-3 "
+        "gradients are reduced and partitioned only by hooks that DeepSpeed's own stage-3 optimizer installs "
         "(DeepSpeedZeroOptimizer_Stage3.create_reduce_and_remove_grad_hooks in deepspeed/runtime/zero/stage3.py); "
         "without it every rank keeps an unreduced, full-size .grad next to a released parameter. Use FSDP2 "
         "(--engine fsdp), ZeRO stage 0-2 (replicas), or a purely zeroth-order optimizer such as MeZO"
@@ -210,7 +209,7 @@ class HybridZOFO(ZOOptimizer):
                                                              fo_weight_decay, fo_options)
         groups = _named_groups(params)
         named = [item for g in groups for item in g["params"]]
-        reason = _zero3_rejection(shards, named)
+        reason = _zero3_rejection(shards)
         if reason:
             raise ValueError(reason)
 
@@ -357,21 +356,10 @@ class HybridZOFO(ZOOptimizer):
         return chosen
 
     # ----------------------------------------------------------------- engine check
-    @property
-    def shards(self) -> ShardProvider:
-        """The shard provider; setting a DeepSpeed ZeRO-3 one raises ValueError."""
-        return self._shards
-
-    @shards.setter
-    def shards(self, provider: ShardProvider) -> None:
-        reason = _zero3_rejection(provider, self._all_named())
+    def _check_provider(self, provider: ShardProvider) -> None:
+        reason = _zero3_rejection(provider)
         if reason:
             raise ValueError(reason)
-        self._shards = provider
-
-    def _all_named(self) -> Named:
-        zo = [item for g in getattr(self, "param_groups", []) for item in zip(g.get("param_names", []), g["params"])]
-        return list(getattr(self, "_fo_named", [])) + zo
 
     # ----------------------------------------------------------------- the step
     @contextlib.contextmanager
@@ -389,12 +377,12 @@ class HybridZOFO(ZOOptimizer):
     def _reduce_replica_grads(self) -> None:
         """Average FO gradients over data-parallel replicas (FSDP2's DTensor grads are reduced already)."""
         world = self._world()
-        if world == 1:
+        if world == 1 or self.shards.capabilities.reduces_gradients:
             return
         group = self._loss_group()
         for _, p in self._fo_named:
             g = p.grad
-            if g is None or _is_dtensor(g):
+            if g is None:
                 continue
             dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)
             g.div_(world)

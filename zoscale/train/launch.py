@@ -24,12 +24,14 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from zoscale.engines.registry import get_engine, make_builder
 from zoscale.train.config import OptimConfig, TrainConfig, load_config, validate
-from zoscale.train.engine import EngineBuilder, LocalBuilder
+from zoscale.train.ds_config import ds_dtype, load_ds_config
 from zoscale.train.trainer import train
 from zoscale.train.watchdog import EXIT_PEER_LOST, Watchdog, is_communication_error
 
-__all__ = ["make_builder", "run_cli", "run_from_args", "resolve_config", "ds_config_path", "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
+__all__ = ["make_builder", "engine_name", "run_cli", "run_from_args", "resolve_config", "ds_config_path",
+           "DIST_TIMEOUT_S", "HEARTBEAT_TIMEOUT_S"]
 
 DIST_TIMEOUT_S = 600.0
 """Default collective timeout: long enough for rank 0 to prepare a model while the others wait at
@@ -56,6 +58,13 @@ def ds_config_path(args: argparse.Namespace) -> str | None:
     return None
 
 
+def engine_name(args: argparse.Namespace, ds_path: str | None) -> str:
+    """``--engine``, else ``deepspeed`` with a DeepSpeed JSON, else ``local``; ValueError if unknown."""
+    name = getattr(args, "engine", None) or ("deepspeed" if ds_path else "local")
+    get_engine(name)
+    return name
+
+
 def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any] | None]:
     """The run config (file, flags, overrides, DeepSpeed JSON), all checked before any model loads."""
     overrides = list(args.overrides or [])
@@ -68,7 +77,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
     if getattr(args, "overwrite", False):
         overrides.append("overwrite=true")
     ds_path = ds_config_path(args)
-    engine = getattr(args, "engine", None) or ("deepspeed" if ds_path else "local")
+    engine = engine_name(args, ds_path)
     if engine == "deepspeed" and not ds_path:
         raise ValueError("--engine deepspeed needs --ds_config PATH")
     if engine == "local" and ds_path:
@@ -86,8 +95,6 @@ def resolve_config(args: argparse.Namespace) -> tuple[TrainConfig, dict[str, Any
                              "set them in one place, the DeepSpeed JSON")
     cfg = load_config(args.config, overrides)
     if ds_path:
-        from zoscale.engines.deepspeed import ds_dtype, load_ds_config
-
         ds_config = load_ds_config(ds_path)
         cfg.batch_size = ds_config["train_micro_batch_size_per_gpu"]
         cfg.gradient_accumulation_steps = _accumulation(ds_config, ds_path)
@@ -230,22 +237,6 @@ def _check_timeouts(args: argparse.Namespace) -> tuple[float, float]:
     return dist_timeout, heartbeat
 
 
-def make_builder(engine: str, cfg: TrainConfig, ds_config: dict[str, Any] | None,
-                 hsdp: tuple[int, int] | None = None) -> EngineBuilder:
-    """The engine builder ``--engine`` names. ``cfg.model.dtype`` stays the compute dtype the run
-    asked for (what its config.json records); FSDP2 loads fp32 and keeps fp32 shards under it."""
-    if engine == "deepspeed":
-        from zoscale.engines.deepspeed import DeepSpeedBuilder
-
-        return DeepSpeedBuilder(ds_config)
-    if engine == "fsdp":
-        from zoscale.engines.fsdp import FSDPBuilder
-
-        compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(cfg.model.dtype)
-        return FSDPBuilder(hsdp=hsdp, param_dtype=compute)
-    return LocalBuilder()
-
-
 def run_cli(parser: argparse.ArgumentParser, args: argparse.Namespace,
             job: Callable[..., dict[str, Any]] | None = None) -> int:
     """A command's body: run ``job`` (default: train), print rank 0's summary as JSON.
@@ -267,7 +258,7 @@ def run_from_args(args: argparse.Namespace, job: Callable[..., dict[str, Any]] =
     ``job(cfg, progress=, builder=)`` returns a summary, which rank 0 returns.
     """
     cfg, ds_config = resolve_config(args)
-    engine = getattr(args, "engine", None) or ("deepspeed" if ds_config is not None else "local")
+    engine = engine_name(args, ds_config_path(args))
     hsdp = _parse_hsdp(getattr(args, "hsdp", None))
     dist_timeout, heartbeat = _check_timeouts(args)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

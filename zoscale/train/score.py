@@ -15,8 +15,9 @@ from typing import Any
 
 from zoscale.data.splits import load_task_data
 from zoscale.data.tasks import Encoder, build_task
+from zoscale.engines.base import EngineBuilder
+from zoscale.engines.local import LocalBuilder
 from zoscale.train.config import TrainConfig
-from zoscale.train.engine import EngineBuilder, LocalBuilder
 from zoscale.train.evaluation import evaluate
 from zoscale.train.trainer import load_model
 

@@ -23,13 +23,14 @@ import torch.distributed as dist
 
 from zoscale.data.splits import TaskData, load_task_data
 from zoscale.data.tasks import Encoder, Example, Task, build_task
+from zoscale.engines.base import Engine, EngineBuilder
+from zoscale.engines.local import LocalBuilder
 from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
-from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters, save_adapter
+from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters
 from zoscale.train.checkpoint import load_checkpoint, save_checkpoint
 from zoscale.train.config import TrainConfig
-from zoscale.train.engine import Engine, EngineBuilder, LocalBuilder
 from zoscale.train.evaluation import evaluate, rank_sync
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 
@@ -194,18 +195,6 @@ def _micro_batches(run: Run, global_batch: list[Example]) -> list[dict[str, Any]
     return [run.task.family.train_batch(mine[i * micro:(i + 1) * micro], run.encoder) for i in range(accumulate)]
 
 
-def _mean_projected_grad(log: list[dict[str, Any]]) -> float:
-    """The first group's projected gradient averaged over the last step's records (its queries, or
-    block-wise ZO's blocks), not the last record's alone."""
-    last = log[-1]["step"]
-    grads = []
-    for record in reversed(log):
-        if record["step"] != last:
-            break
-        grads.append(record["grad"][0])
-    return sum(grads) / len(grads)
-
-
 def train_step(run: Run, step: int) -> dict[str, Any]:
     """One optimizer step on the next global batch; the metrics record of that step."""
     parts = _micro_batches(run, next(run.stream))
@@ -222,8 +211,8 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
     return {
         "step": step,
         "loss": loss,
-        "projected_grad": _mean_projected_grad(run.optimizer.step_log),
-        "lr": run.optimizer.param_groups[0]["lr"],
+        "projected_grad": run.optimizer.last_step["projected_grad"],
+        "lr": run.optimizer.last_step["lr"],
         "step_s": dt,
         **{f"{k}_s": v for k, v in run.optimizer.last_step_timing.items()},
         "examples_per_s": examples / dt,
@@ -250,9 +239,7 @@ def finish(run: Run, before: dict[str, Any], t_start: float) -> dict[str, Any]:
         with (run.out / "predictions.jsonl").open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
     final_dir = run.out / "final" if cfg.save_final else None
-    if final_dir is not None and cfg.model.peft is not None:
-        save_adapter(run.engine.module, final_dir, run.tokenizer)  # a peft adapter folder
-    elif final_dir is not None:
+    if final_dir is not None:  # a Hugging Face folder, or a peft adapter folder
         run.engine.save_pretrained(final_dir, run.tokenizer)
     metric_names = run.task.family.metrics
     return {
@@ -280,7 +267,7 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
     Args:
         cfg: the run configuration.
         progress: show a progress bar (rank 0).
-        builder: makes the engine; default :class:`~zoscale.train.engine.LocalBuilder` (one
+        builder: makes the engine; default :class:`~zoscale.engines.local.LocalBuilder` (one
             process, or data-parallel replicas when ``torch.distributed`` is initialised).
     """
     run = build(cfg, builder)
