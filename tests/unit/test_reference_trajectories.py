@@ -1,8 +1,8 @@
 """Every optimizer reproduces, bit for bit, the trajectory recorded before the redesign (issue 11).
 
-``tests/fixtures/trajectories/reference.json`` holds, per conformance record and variant, the
+``tests/reference/trajectories.json`` holds, per conformance record and variant, the
 losses of 4 steps, and digests of the final weights, optimizer state and step log, as written
-by the optimizers of commit 8a58536 (``record.py`` there). A refactor of ``zoscale/optim`` must
+by the optimizers of commit 8a58536 (``tests/reference/trajectories.py``). A refactor of ``zoscale/optim`` must
 leave every one of them unchanged.
 """
 
@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from tests.fixtures.trajectories import record
+from tests.reference import trajectories as record
 
 REFERENCE = json.loads(record.REFERENCE.read_text())
 
