@@ -56,6 +56,8 @@ import torch.distributed as dist
 from zoscale.optim import options as opts
 from zoscale.optim.agreement import OPTION_CHECK_SHAPE, check_agreement, ids_digest
 from zoscale.optim.directions import Dense, ShardEntry
+from zoscale.optim.pending import PendingUpdates
+from zoscale.optim.replay import LoggedStep, replay_step
 from zoscale.optim.rules import sgd
 from zoscale.optim.schedules import EachQuery
 from zoscale.optim.selection import AllTensors
@@ -149,7 +151,14 @@ class ZOOptimizer(torch.optim.Optimizer):
         # passed without names; extended by every add_param_group, also after construction.
         self._positional_ids: dict[int, str] = {}
         self._options_agreed = False
+        self._logged: LoggedStep | None = None  # the losses and lrs of a step being replayed
         self.policy = self.selection()
+        #: Updates held by the two-pass step (``two_pass=True``): ``zoscale.optim.pending``.
+        self.pending = PendingUpdates()
+        if defaults.get("two_pass") and not self.supports_two_pass():
+            raise ValueError(f"Invalid two_pass: True ({type(self).__name__} updates once from all of a step's "
+                             "queries; the two-pass step defers the update of one query into the next one's "
+                             "perturbation, which only the optimizers that update after each query have)")
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- the shard provider
@@ -170,6 +179,12 @@ class ZOOptimizer(torch.optim.Optimizer):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         cls.GLOBAL_KEYS = tuple(o.name for o in cls.OPTIONS if o.is_global)
+
+    @classmethod
+    def supports_two_pass(cls) -> bool:
+        """Whether ``two_pass=True`` applies: an SGD-family rule applied after each query."""
+        return isinstance(cls.schedule, EachQuery) and isinstance(cls.rule, FusedRule) and \
+            any(o.name == "two_pass" for o in cls.OPTIONS)
 
     @classmethod
     def accepted_options(cls) -> list[str]:
@@ -259,8 +274,21 @@ class ZOOptimizer(torch.optim.Optimizer):
         return entries
 
     def shard_entries(self) -> list[ShardEntry]:
-        """This rank's trainable shards (what it perturbs, updates and checkpoints)."""
+        """This rank's trainable shards (what it perturbs, updates and checkpoints), with every
+        deferred update applied (:meth:`flush`)."""
+        self.flush()
         return self._entries()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Apply the update the two-pass step holds (``two_pass=True``); a no-op otherwise.
+
+        Call before reading the weights between steps (evaluation, saving): with ``two_pass``
+        the last query's update waits for the next step's first pass. ``state_dict``,
+        ``shard_entries`` and the trainer call it.
+        """
+        if self.pending:
+            self.timed("update", self.pending.flush)
 
     def _ensure_masters(self, entries: Iterable[ShardEntry]) -> None:
         if not self.param_groups[0]["master_weights"]:
@@ -334,7 +362,10 @@ class ZOOptimizer(torch.optim.Optimizer):
         self._options_agreed = True
 
     def mean_over_ranks(self, losses: list[Any], device: torch.device) -> list[float]:
-        """Average the closure's losses over the data-parallel group: one all-reduce."""
+        """Average the closure's losses over the data-parallel group: one all-reduce (during a
+        :meth:`replay`, the logged values instead)."""
+        if self._logged is not None:
+            return self._logged.take(len(losses))
         vals = torch.stack([torch.as_tensor(l).detach().to(device=device, dtype=torch.float64).reshape(()) for l in losses])
         world = self._world()
         if world > 1:
@@ -373,6 +404,7 @@ class ZOOptimizer(torch.optim.Optimizer):
                 d.perturb_(scale[d.entry.group_index], delta[d.entry.group_index])
 
         if groups[0]["one_sided"]:
+            self.flush()  # its first forward is at theta
             l0 = self.call(closure)
             self.timed("perturb", perturb, eps, eps)
             l1 = self.call(closure)
@@ -380,7 +412,7 @@ class ZOOptimizer(torch.optim.Optimizer):
             lp, lm = self.timed("communication", self.mean_over_ranks, [l1, l0], device)
             diff = [(lp - lm) / e for e in eps]
         else:
-            self.timed("perturb", perturb, eps, eps)
+            self.timed("perturb", self.pending.perturb, dirs, eps, eps)  # with a held update fused in
             l1 = self.call(closure)
             self.timed("perturb", perturb, [-2.0 * e for e in eps], [-e for e in eps])
             l2 = self.call(closure)
@@ -392,6 +424,22 @@ class ZOOptimizer(torch.optim.Optimizer):
             self._zo["nonfinite"] += 1
             raise NonFiniteLossError(step, query, (lp, lm))
         return diff, (lp, lm), offset
+
+    def applied_lrs(self, count: int, query: int) -> list[float]:
+        """The lr per group query ``query`` of this step is applied with (the rule's ``logged_lr``
+        of the group's lr; during a :meth:`replay`, the logged one)."""
+        if self._logged is not None:
+            return self._logged.lrs(query)
+        return [self.rule.logged_lr(g["lr"], count) for g in self.param_groups]
+
+    def update(self, step: int, queries: Sequence[Any], lrs: Sequence[float], count: int,
+               offset: Sequence[float]) -> None:
+        """Apply the rule to the queries' directions, or (``two_pass``) hold it for the next pass."""
+        if self.param_groups[0].get("two_pass"):
+            (dirs, grads), = queries
+            self.pending.hold(dirs, self.rule.pairs(self, grads, lrs), offset)
+        else:
+            self.rule.apply(self, step, queries, lrs, count, offset)
 
     def log_query(self, step: int, query: int, grads: Sequence[float], lrs: Sequence[float],
                   losses: Sequence[float]) -> dict[str, Any]:
@@ -452,32 +500,30 @@ class ZOOptimizer(torch.optim.Optimizer):
         }
 
     # ----------------------------------------------------------------- replay
-    @torch.no_grad()
     def replay(self, log: list[dict[str, Any]]) -> None:
-        """Apply the steps recorded in a step log to this optimizer's parameters and state.
+        """Re-run the steps recorded in a step log on this optimizer's parameters and state.
 
         Build the optimizer on the base model with the same param groups and options as the
         run that wrote ``log`` (``step_log`` or ``state_dict()["zo"]["log"]``), or load the
         run's ``state_dict()`` saved at the log's first step, then call this: every logged step
-        is applied through this optimizer's update rule, with the directions regenerated from
-        the logged seed, step and query. No forward pass is run. Afterwards the optimizer is
-        where the run was: parameters, state, step counter and log (bitwise with master
-        weights; without, it omits the run's +eps/-2eps/+eps round trips, so it agrees within
-        their drift: README, Precision). Works on any shard layout: each rank replays onto its
-        own shards.
+        runs again, its passes, rule and state included, with each loss all-reduce answered
+        from the log instead of a forward (``zoscale.optim.replay``). Afterwards the optimizer
+        is where the run was (parameters, state, step counter, log), bit for bit, with or
+        without master weights, on any shard layout: each rank replays onto its own shards
+        (collective, as a step). Costs the run's noise passes, not its forwards.
 
         Raises:
             ValueError: the log does not continue from this optimizer's step, has partial or
-                out-of-order steps, or another number of param groups. Nothing is changed then.
+                out-of-order steps, another number of param groups, or a record the replay does
+                not reproduce (other options than the run's). Nothing is changed by the checks
+                made before the first step; a record that does not reproduce stops the replay
+                after its step.
         """
-        steps = group_steps(log, len(self.param_groups), self._zo["step"], type(self).__name__,
-                            self._check_record)
-        entries = self._entries()
-        self._ensure_masters(entries)
-        for records in steps:
-            self.schedule.replay(self, records, entries)
-            self._zo["step"] = records[0]["step"] + 1
-            self._zo["log"].extend(copy.deepcopy(records))
+        for records in self._steps_of(log):
+            replay_step(self, records)
+
+    def _steps_of(self, log: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        return group_steps(log, len(self.param_groups), self._zo["step"], type(self).__name__, self._check_record)
 
     def _check_record(self, record: dict[str, Any]) -> None:
         """Refuse a record this optimizer cannot replay (before anything changes)."""
@@ -497,8 +543,10 @@ class ZOOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """Torch's optimizer state dict plus ``"zo"`` (step counter, step log, counters).
 
-        Tensors are cloned, so the returned dict stays unchanged while training continues.
+        Tensors are cloned, so the returned dict stays unchanged while training continues. A
+        deferred update is applied first (:meth:`flush`).
         """
+        self.flush()
         sd = super().state_dict()
         sd["state"] = {
             k: {kk: (vv.detach().clone() if isinstance(vv, torch.Tensor) else copy.deepcopy(vv)) for kk, vv in v.items()}
@@ -515,6 +563,7 @@ class ZOOptimizer(torch.optim.Optimizer):
         """
         if "zo" not in state_dict:
             raise ValueError("state dict has no 'zo' entry: it was not saved by a zoscale optimizer")
+        self.flush()
         tensors: dict[int, dict[str, torch.Tensor]] = {}
         plain_state: dict[Any, Any] = {}
         for k, v in state_dict["state"].items():

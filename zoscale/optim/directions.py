@@ -101,6 +101,21 @@ class Dense:
         else:
             self.update_(1.0, 0.0, offset)
 
+    def fuses_with(self, previous: Any) -> bool:
+        """Whether :meth:`update_perturb_` can apply ``previous``'s update (same tensor, both plain z)."""
+        return type(self) is Dense and type(previous) is Dense and previous.entry.param is self.entry.param
+
+    def update_perturb_(self, previous: "Dense", decay: float, coef: float, offset: float, scale: float,
+                        delta: float) -> None:
+        """``previous.update_(decay, coef, offset)`` then ``self.perturb_(scale, delta)``, in one pass."""
+        v = self.entry.view
+        if self.masters:
+            noise.update_master_perturb_(v.local, self.entry.state["master"], v.offset, previous.key, self.key,
+                                         decay, coef, delta, self.kind)
+        else:
+            noise.axpbz2_(v.local, v.offset, previous.key, self.key, decay, coef - decay * offset, scale, self.kind)
+        written(v)
+
     def values(self, lo: int, hi: int) -> torch.Tensor:
         """The fp32 ``z`` of local elements ``[lo, hi)`` (allocates ``hi - lo``)."""
         v = self.entry.view

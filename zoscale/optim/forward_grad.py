@@ -21,6 +21,7 @@ from zoscale import noise
 from zoscale.optim import options as opts
 from zoscale.optim.base import NonFiniteLossError, ZOOptimizer
 from zoscale.optim.registry import register
+from zoscale.optim.replay import replay_updates
 from zoscale.optim.schedules import Averaged
 from zoscale.shards import ShardProvider
 
@@ -278,6 +279,12 @@ class ForwardGrad(ZOOptimizer):
             self._zo["nonfinite"] += 1
             raise NonFiniteLossError(step, query, (loss, d))
         return [d] * len(self.param_groups), (loss,), None
+
+    @torch.no_grad()
+    def replay(self, log: list[dict[str, Any]]) -> None:
+        """Apply the logged updates ``theta <- (1 - lr wd) theta - lr d v`` (a JVP needs real
+        forwards; Forward-Grad perturbs nothing, so applying the updates is the run, bitwise)."""
+        replay_updates(self, self._steps_of(log))
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> float:  # type: ignore[override]

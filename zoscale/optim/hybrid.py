@@ -16,6 +16,7 @@ import torch.distributed as dist
 from zoscale.optim.agreement import ids_digest
 from zoscale.optim.base import NonFiniteLossError, ShardEntry, ZOOptimizer
 from zoscale.optim.registry import register
+from zoscale.optim.replay import replay_updates
 from zoscale.optim.selection import REST, unit_of
 from zoscale.shards import LocalShards, ShardProvider, canonical_name
 
@@ -432,6 +433,7 @@ class HybridZOFO(ZOOptimizer):
         self._timing = defaultdict(float)
         step = self._zo["step"]
         try:
+            self.flush()  # the backward pass reads the weights at theta
             l0 = self._fo_pass(closure, step)
             first = len(self._zo["log"])
             try:
@@ -482,7 +484,7 @@ class HybridZOFO(ZOOptimizer):
                 "HybridZOFO's step log holds only the ZO part's updates (the FO part's depend on gradients): "
                 "resume from a checkpoint, or call replay(log, zo_only=True) to apply the ZO part alone"
             )
-        super().replay(log)
+        replay_updates(self, self._steps_of(log))
 
     def state_dict(self) -> dict[str, Any]:
         """The base state dict plus ``"fo"``: the FO split and the torch optimizer's state dict.

@@ -149,6 +149,9 @@ class LowRankDirection:
         else:
             self.update_(1.0, 0.0, offset)
 
+    def fuses_with(self, previous: object) -> bool:
+        return False  # no two-stream kernel for U V^T: a held update takes a pass of its own
+
 
 Direction = Union[Dense, LowRankDirection]
 

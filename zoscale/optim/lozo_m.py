@@ -57,9 +57,6 @@ class LowRankMomentum:
     def logged_lr(self, lr: float, count: int) -> float:
         return lr
 
-    def replay_count(self, records: int) -> int:
-        return records
-
     def apply(self, opt: ZOOptimizer, step: int, queries: Sequence[Query], lrs: Sequence[float], count: int,
               offset: Sequence[float]) -> None:
         g0 = opt.param_groups[0]

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 from zoscale import noise
 
 __all__ = ["Option", "validate", "unknown_options", "real", "integer", "boolean", "noise_kind", "betas",
-           "SPSA_OPTIONS", "LR", "EPS", "WEIGHT_DECAY", "Q", "ONE_SIDED", "NOISE", "SEED", "MASTER_WEIGHTS"]
+           "SPSA_OPTIONS", "LR", "EPS", "WEIGHT_DECAY", "Q", "ONE_SIDED", "NOISE", "SEED", "MASTER_WEIGHTS",
+           "TWO_PASS"]
 
 #: A check: returns the value, normalised (``0.8`` for ``sparsity=0.8``), or raises ``ValueError``.
 Check = Callable[[str, Any], Any]
@@ -114,9 +115,10 @@ ONE_SIDED = Option("one_sided", False, boolean, is_global=True)
 NOISE = Option("noise", "gaussian", noise_kind, is_global=True)
 SEED = Option("seed", 0, any_integer, is_global=True)
 MASTER_WEIGHTS = Option("master_weights", False, boolean, is_global=True)
+TWO_PASS = Option("two_pass", False, boolean, is_global=True)
 
 #: The options of every SPSA optimizer (MeZO's), in the order of its signature.
-SPSA_OPTIONS: tuple[Option, ...] = (LR, EPS, WEIGHT_DECAY, Q, ONE_SIDED, NOISE, SEED, MASTER_WEIGHTS)
+SPSA_OPTIONS: tuple[Option, ...] = (LR, EPS, WEIGHT_DECAY, Q, ONE_SIDED, NOISE, SEED, MASTER_WEIGHTS, TWO_PASS)
 
 
 def unknown_options(spec: Iterable[Option], given: Iterable[str]) -> list[str]:

@@ -5,14 +5,12 @@
     Averaged   every query at theta (restoring between them), then one update from all of
                them (what a stateful rule needs to equal torch's optimizer fed a gradient)
 
-A schedule also replays a step's log records: the same update, without the forwards.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zoscale.optim.directions import ShardEntry
 from zoscale.optim.selection import Plan
 
 if TYPE_CHECKING:
@@ -26,10 +24,6 @@ def pair_mean(losses: tuple[float, ...]) -> float:
     return 0.5 * (losses[0] + losses[1]) if len(losses) == 2 else losses[0]
 
 
-def _lrs(opt: "ZOOptimizer") -> list[float]:
-    return [g["lr"] for g in opt.param_groups]
-
-
 class EachQuery:
     """Estimate, then update, query by query."""
 
@@ -38,17 +32,11 @@ class EachQuery:
         for k, entries in plan.queries:
             dirs = opt.directions(entries, step, k)
             grads, losses, offset = opt.estimate(closure, dirs, step, k)
-            opt.timed("update", opt.rule.apply, opt, step, [(dirs, grads)], _lrs(opt), plan.count, offset)
-            opt.log_query(step, k, grads, [opt.rule.logged_lr(lr, plan.count) for lr in _lrs(opt)], losses)
+            lrs = opt.applied_lrs(plan.count, k)
+            opt.timed("update", opt.update, step, [(dirs, grads)], lrs, plan.count, offset)
+            opt.log_query(step, k, grads, lrs, losses)
             total += pair_mean(losses)
         return total / len(plan.queries) if plan.queries else 0.0
-
-    def replay(self, opt: "ZOOptimizer", records: list[dict[str, Any]], entries: list[ShardEntry]) -> None:
-        zeros = [0.0] * len(opt.param_groups)
-        for rec in records:
-            chosen = opt.policy.entries_for(entries, rec["step"], rec["query"], opt.param_groups[0])
-            dirs = opt.directions(chosen, rec["step"], rec["query"], seed=rec["seed"])
-            opt.rule.apply(opt, rec["step"], [(dirs, rec["grad"])], rec["lr"], 1, zeros)
 
 
 class Averaged:
@@ -65,17 +53,8 @@ class Averaged:
             queries.append((dirs, grads))
             records.append((k, grads, losses))
         zeros = [0.0] * len(opt.param_groups)
-        opt.timed("update", opt.rule.apply, opt, step, queries, _lrs(opt), plan.count,
-                  zeros if offset is None else offset)
+        lrs = opt.applied_lrs(plan.count, records[-1][0]) if records else []
+        opt.timed("update", opt.rule.apply, opt, step, queries, lrs, plan.count, zeros if offset is None else offset)
         for k, grads, losses in records:
-            opt.log_query(step, k, grads, [opt.rule.logged_lr(lr, plan.count) for lr in _lrs(opt)], losses)
+            opt.log_query(step, k, grads, opt.applied_lrs(plan.count, k), losses)
         return sum(pair_mean(losses) for _, _, losses in records) / len(records) if records else 0.0
-
-    def replay(self, opt: "ZOOptimizer", records: list[dict[str, Any]], entries: list[ShardEntry]) -> None:
-        step = records[0]["step"]
-        queries = []
-        for rec in records:
-            chosen = opt.policy.entries_for(entries, step, rec["query"], opt.param_groups[0])
-            queries.append((opt.directions(chosen, step, rec["query"], seed=rec["seed"]), rec["grad"]))
-        zeros = [0.0] * len(opt.param_groups)
-        opt.rule.apply(opt, step, queries, list(records[0]["lr"]), opt.rule.replay_count(len(records)), zeros)

@@ -6,7 +6,7 @@ the update starts (``offset`` per group; zeros at theta); every applier restores
 the same pass.
 
     FusedRule     the SGD family: each query's ``(decay, coef)`` through the directions' own
-                  fused pass; the lr of a query is ``lr / count``
+                  fused pass; a query is applied with ``lr / count``
     ChunkedRule   stateful rules (momentum, Adam): the mean gradient ``sum_k (g_k / count) z_k``
                   rebuilt chunk by chunk from dense directions, torch's ops on the chunk and its
                   state; transient memory O(chunk)
@@ -43,26 +43,26 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 class FusedRule:
     """A rule of the SGD family, ``(lr, g, group) -> (decay, coef)`` per group.
 
-    Queries are applied in order, each with ``lr / count``; the restore from ``offset`` is fused
-    into the last one. The step log records ``lr / count``, the lr each query was applied with.
+    Queries are applied in order, each with the lr it is given (the schedule's ``lr / count``:
+    :meth:`logged_lr`); the restore from ``offset`` is fused into the last one.
     """
 
     def __init__(self, scalars: Callable[[float, float, dict[str, Any]], tuple[float, float]]) -> None:
         self.scalars = scalars
 
     def logged_lr(self, lr: float, count: int) -> float:
+        """The lr a query is applied (and logged) with: ``lr / count``."""
         return lr * (1.0 / count)
 
-    def replay_count(self, records: int) -> int:
-        return 1  # each record holds the lr it was applied with
+    def pairs(self, opt: "ZOOptimizer", grads: Sequence[float], lrs: Sequence[float]) -> list[tuple[float, float]]:
+        """``(decay, coef)`` per group of one query applied with ``lrs``."""
+        return [self.scalars(lr, gk, group) for lr, group, gk in zip(lrs, opt.param_groups, grads)]
 
     def apply(self, opt: "ZOOptimizer", step: int, queries: Sequence[Query], lrs: Sequence[float], count: int,
               offset: Sequence[float]) -> None:
-        groups = opt.param_groups
-        zeros = [0.0] * len(groups)
+        zeros = [0.0] * len(opt.param_groups)
         for j, (dirs, grads) in enumerate(queries):
-            scaled = [lr * (1.0 / count) for lr in lrs]
-            pairs = [self.scalars(lr, gk, group) for lr, group, gk in zip(scaled, groups, grads)]
+            pairs = self.pairs(opt, grads, lrs)
             off = offset if j == len(queries) - 1 else zeros
             for d in dirs:
                 gi = d.entry.group_index
@@ -79,10 +79,8 @@ class ChunkedRule:
     """
 
     def logged_lr(self, lr: float, count: int) -> float:
+        """The lr the rule is applied (and logged) with: the group's."""
         return lr
-
-    def replay_count(self, records: int) -> int:
-        return records
 
     def begin(self, e: ShardEntry, group: dict[str, Any], lr: float) -> Any:
         raise NotImplementedError

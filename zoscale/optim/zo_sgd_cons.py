@@ -76,7 +76,7 @@ class Conservative:
                    else opt.timed("perturb", lambda: [e.view.local.detach().clone() for e in entries]))
         restore = lambda: opt.timed("perturb", self.write, entries, anchors, None, None)  # noqa: E731
         l0, queries, pairs = self._estimates(opt, closure, step, plan, restore)
-        lrs = [g["lr"] for g in opt.param_groups]
+        lrs = opt.applied_lrs(1, 0)
         moves = {s: _moves(opt, queries, lrs, s) for s in (-1.0, 1.0)}
         cand = []
         for s in (-1.0, 1.0):
@@ -122,18 +122,6 @@ class Conservative:
             if k < len(plan.queries) - 1:
                 restore()
         return l0, queries, pairs
-
-    def replay(self, opt: ZOOptimizer, records: list[dict[str, Any]], entries: list[ShardEntry]) -> None:
-        """Apply the recorded choice with the logged lr (bitwise: every point came from an anchor)."""
-        if records[0]["choice"] == "keep":
-            return
-        step = records[0]["step"]
-        queries = [(opt.directions(entries, step, r["query"], seed=r["seed"]), r["grad"]) for r in records]
-        moves = _moves(opt, queries, list(records[0]["lr"]), -1.0 if records[0]["choice"] == "descent" else 1.0)
-        if opt.param_groups[0]["master_weights"]:
-            self.commit(entries, queries, moves, opt.chunk_size)
-        else:
-            self.write(entries, [e.view.local for e in entries], queries, moves, opt.chunk_size)
 
 
 @register("zo_sgd_cons")
