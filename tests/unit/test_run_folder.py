@@ -56,13 +56,13 @@ def test_resuming_another_runs_folder_is_refused_naming_what_differs(tmp_path: P
 def test_steps_below_the_checkpoint_and_a_missing_checkpoint_are_refused(tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     _no_model(monkeypatch)
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="neither a step log .* nor a complete checkpoint"):
         train(_cfg(tmp_path, "steps=2", "resume=true"), progress=False)
     monkeypatch.undo()
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
     train(_cfg(tmp_path, "steps=6", "checkpoint_every=3"), progress=False)
     _no_model(monkeypatch)
-    with pytest.raises(ValueError, match=r"--steps 4 is below the step of the checkpoint to resume .*step 6"):
+    with pytest.raises(ValueError, match=r"--steps 4 is below the step to resume \(6, from .*step_00000006"):
         train(_cfg(tmp_path, "steps=4", "resume=true"), progress=False)
 
 
@@ -83,12 +83,13 @@ def test_a_fresh_run_in_a_folder_with_checkpoints_needs_resume_or_overwrite(tmp_
 
 def test_a_resumed_run_writes_each_step_once_and_says_where_it_resumed(tmp_path: Path) -> None:
     train(_cfg(tmp_path, "steps=6", "checkpoint_every=2", "keep_checkpoints=3"), progress=False)
-    # As if killed after step 6 was logged but before its checkpoint was complete.
+    # As if killed after step 6 was logged but before its checkpoint was complete: the newest
+    # complete checkpoint (step 4) and the step log's steps 5 and 6 resume it at step 6.
     (tmp_path / "run" / "checkpoints" / "step_00000006" / "done").unlink()
     summary = train(_cfg(tmp_path, "steps=8", "checkpoint_every=2", "keep_checkpoints=3", "resume=true"),
                     progress=False)
-    assert summary["start_step"] == 4
-    assert summary["resumed_from"].endswith("step_00000004")
+    assert summary["start_step"] == 6
+    assert summary["resumed_from"].endswith("step_00000004 + " + str(tmp_path / "run" / "steps.jsonl"))
     assert _steps(tmp_path) == [1, 2, 3, 4, 5, 6, 7, 8]
 
 

@@ -162,7 +162,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
 
 
 def test_resume_errors_are_clear(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+    with pytest.raises(FileNotFoundError, match="neither a step log .* nor a complete checkpoint"):
         train(_tiny_cfg(tmp_path, "none", "steps=2", "resume=true"), progress=False)
     train(_tiny_cfg(tmp_path, "ws", "steps=2", "checkpoint_every=2", "save_final=false"), progress=False)
     ckpt = tmp_path / "ws" / "checkpoints" / "step_00000002" / "rank_00000.pt"

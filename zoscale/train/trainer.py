@@ -29,10 +29,12 @@ from zoscale.models import load_causal_lm, prepare_model
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
 from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters
-from zoscale.train.checkpoint import load_checkpoint, save_checkpoint
+from zoscale.train.checkpoint import save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.evaluation import evaluate, rank_sync
+from zoscale.train.resume import open_step_log, resume, step_records
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
+from zoscale.train.step_log_file import StepLogWriter
 
 __all__ = ["Run", "batches", "build", "evaluate_run", "finish", "load_model", "train", "train_step",
            "trainable_parameters"]
@@ -97,6 +99,7 @@ class Run:
     train_truncated: int
     resumed_from: str | None = None
     identity: dict[str, Any] | None = None
+    log: StepLogWriter | None = None
 
     @property
     def lead(self) -> bool:
@@ -171,21 +174,20 @@ def build(cfg: TrainConfig, builder: EngineBuilder | None = None) -> Run:
     train_truncated = _audit(task, data.train, encoder)
     engine, optimizer = _wrap(cfg, model, builder)
     out = Path(cfg.output_dir)
-    start = 0
-    if folder.checkpoint is not None:
-        start = load_checkpoint(folder.checkpoint, optimizer, engine.rank, engine.world_size, folder.identity)
+    start, resumed = resume(folder, optimizer, engine.rank, engine.world_size)
+    folder.step = start
     metrics = None
     if engine.rank == 0:
         write_run_folder(folder)
-        if folder.checkpoint is not None:
-            print(f"[zoscale] resuming from {folder.checkpoint} (step {start})", file=sys.stderr, flush=True)
+        if resumed is not None:
+            print(f"[zoscale] resuming from {resumed} (step {start})", file=sys.stderr, flush=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
         metrics = (out / "metrics.jsonl").open("a")
+    log = open_step_log(folder, optimizer, cfg, start, engine.rank)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * engine.world_size
     stream = batches(data.train, per_step, cfg.seed, start_step=start)
-    resumed = str(folder.checkpoint) if folder.checkpoint is not None else None
     return Run(cfg, task, data, engine, optimizer, encoder, tokenizer, out, start, metrics, stream, train_truncated,
-               resumed, folder.identity)
+               resumed, folder.identity, log)
 
 
 def _micro_batches(run: Run, global_batch: list[Example]) -> list[dict[str, Any]]:
@@ -223,6 +225,7 @@ def train_step(run: Run, step: int) -> dict[str, Any]:
 def evaluate_run(run: Run, examples: list[Example], prefix: str = "eval",
                  predictions: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """The task's metrics on ``examples``, keyed ``<prefix>_<metric>`` (and ``<prefix>_truncated``)."""
+    run.optimizer.flush()  # a two-pass step holds its last update until the next pass
     metrics, rows = evaluate(run.engine, run.task, examples, run.encoder, run.cfg.eval_batch_size, predictions)
     return {f"{prefix}_{k}": v for k, v in metrics.items()}, rows
 
@@ -235,6 +238,8 @@ def finish(run: Run, before: dict[str, Any], t_start: float) -> dict[str, Any]:
     run.record({"step": cfg.steps, **after, **dev})
     if run.metrics is not None:
         run.metrics.close()
+    if run.log is not None:
+        run.log.close()
     if rows is not None and run.lead:
         with (run.out / "predictions.jsonl").open("w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -282,7 +287,10 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
         bar = tqdm(total=cfg.steps, initial=run.start, desc="zo-train", dynamic_ncols=True)
     score = before[headline]
     for step in range(run.start + 1, cfg.steps + 1):
+        first = len(run.optimizer.step_log)
         entry = train_step(run, step)
+        if run.log is not None:  # the step is a resume point as soon as it is in the log
+            run.log.append(step, step_records(run.optimizer, first))
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             entry.update(evaluate_run(run, run.data.eval)[0])
             score = entry[headline]

@@ -1,0 +1,99 @@
+"""The step log as a checkpoint (issue 12), through the real launchers on the tiny model.
+
+* A SIGKILL of the whole job at a random step loses no completed step: the resumed run's losses
+  and final weights equal the uninterrupted run's, bit for bit (one process, no master weights,
+  no full checkpoint at all: the log alone).
+* A log written by 2 DeepSpeed ZeRO-3 ranks resumes on one process: replayed there, the weights at
+  the last logged step are the ZeRO-3 run's, bit for bit (the noise and every pass are
+  elementwise in the global index), and the run continues.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.e2e.test_launch import (STEPS, TRAIN, _common, _deepspeed, _ds_config, _env, _losses, _run, _single,
+                                   _weights)
+
+pytestmark = pytest.mark.distributed
+
+NO_MASTER = "optimizer.params.master_weights=false"
+
+
+def _logged_steps(run: Path) -> int:
+    log = run / "steps.jsonl"
+    return max(0, log.read_text().count("\n") - 1) if log.is_file() else 0
+
+
+def test_sigkill_loses_no_completed_step(tmp_path: Path) -> None:
+    _single(tmp_path, "full", NO_MASTER)
+    kill_after = random.Random(os.getpid()).randint(2, STEPS - 2)
+    cmd = [sys.executable, TRAIN, *_common(tmp_path, "killed"), "--steps", str(STEPS), "batch_size=8",
+           "optimizer.type=MeZO", "optimizer.params.lr=0.001", "optimizer.params.eps=0.001", NO_MASTER]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=Path(TRAIN).parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while _logged_steps(tmp_path / "killed") < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    logged = _logged_steps(tmp_path / "killed")
+    assert kill_after <= logged < STEPS, (kill_after, logged)
+    assert not (tmp_path / "killed" / "checkpoints").exists()  # no full checkpoint: the log alone
+    out = _run([*cmd, "--resume"])
+    assert f"replayed steps 1-{logged}" in out.stderr
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    for name, p in w1.items():
+        assert torch.equal(w2[name], p), name
+
+
+def test_a_zero3_log_resumes_on_one_process(tmp_path: Path) -> None:
+    ds = _ds_config(tmp_path, 3)  # 2 ranks x 4 = the global batch of 8 of the one-process run
+    _deepspeed(tmp_path, "ds", ds, "--steps", "4")
+    ds_weights = _weights(tmp_path / "ds")
+    (tmp_path / "ds" / "final").rename(tmp_path / "ds_final_step4")
+    # The same run, resumed on one process at its last logged step: only the replay happens.
+    out = _run([sys.executable, TRAIN, *_common(tmp_path, "ds"), "--steps", "4", "batch_size=8",
+                "optimizer.type=MeZO", "optimizer.params.lr=0.001", "optimizer.params.eps=0.001",
+                "optimizer.params.master_weights=true", "--resume"])
+    assert "replayed steps 1-4" in out.stderr and "from the base weights" in out.stderr
+    for name, p in _weights(tmp_path / "ds").items():
+        assert torch.equal(p, ds_weights[name]), name
+    # And it continues there: steps 5-6 on one process, logged after the replayed ones.
+    _run([sys.executable, TRAIN, *_common(tmp_path, "ds"), "--steps", str(STEPS), "batch_size=8",
+          "optimizer.type=MeZO", "optimizer.params.lr=0.001", "optimizer.params.eps=0.001",
+          "optimizer.params.master_weights=true", "--resume"])
+    assert sorted(_losses(tmp_path / "ds")) == list(range(1, STEPS + 1))
+    assert _logged_steps(tmp_path / "ds") == STEPS
+
+
+REPLAY = str(Path(TRAIN).parent / "replay.py")
+
+
+def test_replay_writes_the_run_from_its_log_on_one_process_and_on_zero3(tmp_path: Path) -> None:
+    """launch/replay.py: the base model plus the log give the run's own final weights, bit for bit."""
+    from tests.distributed.spawn import free_port
+    from tests.e2e.test_launch import VENV_BIN
+
+    _single(tmp_path, "run", NO_MASTER)
+    log = tmp_path / "run" / "steps.jsonl"
+    out = _run([sys.executable, REPLAY, "--log", str(log), "--output_dir", str(tmp_path / "one")])
+    assert '"steps": 6' in out.stdout
+    ds = _ds_config(tmp_path, 3, master_weights=False)
+    _run([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), REPLAY,
+          "--ds_config", str(ds), "--log", str(log), "--output_dir", str(tmp_path / "zero3")])
+    want = _weights(tmp_path / "run")
+    for where in ("one", "zero3"):
+        got = _weights(tmp_path / where)
+        for name, p in want.items():
+            assert torch.equal(got[name], p), (where, name)
