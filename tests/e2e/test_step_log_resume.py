@@ -97,3 +97,30 @@ def test_replay_writes_the_run_from_its_log_on_one_process_and_on_zero3(tmp_path
         got = _weights(tmp_path / where)
         for name, p in want.items():
             assert torch.equal(got[name], p), (where, name)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_preemption_signal_checkpoints_and_exits_75_and_the_resume_equals_the_run(tmp_path: Path, sig) -> None:
+    """What SLURM sends before a time limit or a preemption: the run finishes its step, writes a
+    full checkpoint, exits with 75; resumed, it equals the uninterrupted run bit for bit."""
+    from zoscale.train.preemption import EXIT_PREEMPTED
+
+    _single(tmp_path, "full", NO_MASTER)
+    cmd = [sys.executable, TRAIN, *_common(tmp_path, "stopped"), "--steps", str(STEPS), "batch_size=8",
+           "optimizer.type=MeZO", "optimizer.params.lr=0.001", "optimizer.params.eps=0.001", NO_MASTER]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=Path(TRAIN).parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while _logged_steps(tmp_path / "stopped") < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    stopped_at = _logged_steps(tmp_path / "stopped")
+    assert 2 <= stopped_at < STEPS and f"preempted after step {stopped_at}" in err
+    assert (tmp_path / "stopped" / "checkpoints" / f"step_{stopped_at:08d}" / "done").is_file()
+    _run([*cmd, "--resume"])
+    assert _losses(tmp_path / "stopped") == _losses(tmp_path / "full")
+    w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "stopped")
+    for name, p in w1.items():
+        assert torch.equal(w2[name], p), name

@@ -28,6 +28,7 @@ from zoscale.engines.registry import get_engine, make_builder
 from zoscale.train.config import OptimConfig, TrainConfig, load_config, validate
 from zoscale.train.ds_config import ds_dtype, load_ds_config
 from zoscale.train.trainer import train
+from zoscale.train.preemption import Preempted
 from zoscale.train.watchdog import EXIT_PEER_LOST, Watchdog, is_communication_error
 
 __all__ = ["make_builder", "engine_name", "run_cli", "run_from_args", "resolve_config", "ds_config_path",
@@ -268,6 +269,10 @@ def run_from_args(args: argparse.Namespace, job: Callable[..., dict[str, Any]] =
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         summary = job(cfg, progress=not args.no_progress and rank == 0, builder=builder)
+    except Preempted:  # every rank stops at the same step, checkpointed: not a failure to publish
+        if watchdog is not None:
+            watchdog.stop()
+        raise
     except BaseException as e:
         _on_failure(e, watchdog)  # does not return when another rank caused the failure
         raise

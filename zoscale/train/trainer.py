@@ -32,6 +32,7 @@ from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters
 from zoscale.train.checkpoint import save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.evaluation import evaluate, rank_sync
+from zoscale.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
 from zoscale.train.resume import open_step_log, resume, step_records
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 from zoscale.train.step_log_file import StepLogWriter
@@ -286,6 +287,19 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
 
         bar = tqdm(total=cfg.steps, initial=run.start, desc="zo-train", dynamic_ncols=True)
     score = before[headline]
+    preemption = PreemptionFlag().install()
+    try:
+        _train_steps(run, bar, headline, score, preemption)
+    finally:
+        preemption.uninstall()
+    if bar is not None:
+        bar.close()
+    return finish(run, before, t_start)
+
+
+def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: PreemptionFlag) -> None:
+    """Steps ``run.start + 1 .. cfg.steps``: log, evaluate, checkpoint; stop on a preemption signal."""
+    cfg = run.cfg
     for step in range(run.start + 1, cfg.steps + 1):
         first = len(run.optimizer.step_log)
         entry = train_step(run, step)
@@ -295,12 +309,24 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
             entry.update(evaluate_run(run, run.data.eval)[0])
             score = entry[headline]
         run.record(entry)
-        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            save_checkpoint(run.out / "checkpoints", step, run.optimizer, run.engine.rank, run.engine.world_size,
-                            cfg.keep_checkpoints, run.identity)
+        checkpointed = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
+        if checkpointed:
+            _checkpoint(run, step)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", score=f"{score:.3f}")
-    if bar is not None:
-        bar.close()
-    return finish(run, before, t_start)
+        signum = preemption.agreed(run.engine)
+        if signum:
+            if not checkpointed:
+                _checkpoint(run, step)
+            if run.lead:
+                print(f"[zoscale] preempted after step {step}: checkpoint written; exit {EXIT_PREEMPTED} "
+                      "(resume with --resume)", file=sys.stderr, flush=True)
+            if run.log is not None:
+                run.log.close()
+            raise Preempted(step, signum)
+
+
+def _checkpoint(run: Run, step: int) -> None:
+    save_checkpoint(run.out / "checkpoints", step, run.optimizer, run.engine.rank, run.engine.world_size,
+                    run.cfg.keep_checkpoints, run.identity)
