@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from zoscale.train.config import load_config
+from tests.unit.test_run_folder import _cfg as run_folder_cfg
 from zoscale.train.step_log_file import StepLogError, StepLogWriter, read_step_log
 from zoscale.train.trainer import train
 
@@ -54,12 +54,7 @@ def test_a_malformed_log_is_refused_naming_the_line(tmp_path: Path, text: str, m
 
 
 def _cfg(tmp: Path, *extra: str):
-    data = tmp / "toy.jsonl"
-    if not data.exists():
-        data.write_text("".join(json.dumps({"sentence": f"a film {i}", "label": i % 2}) + "\n" for i in range(40)))
-    return load_config(None, ["model.name=tiny-llama", f"data.path={data}", "data.n_train=24", "data.n_eval=8",
-                              'data.label_words=[" bad", " good"]', "batch_size=4", "eval_every=0",
-                              "optimizer.params.lr=0.01", f"output_dir={tmp / 'run'}", "save_final=false", *extra])
+    return run_folder_cfg(tmp, "optimizer.params.lr=0.01", *extra)
 
 
 def _edit_header(path: Path, **changes: object) -> None:

@@ -31,7 +31,7 @@ from zoscale.shards import ShardView
 if TYPE_CHECKING:
     from zoscale.optim.base import ZOOptimizer
 
-__all__ = ["ShardEntry", "Direction", "Dense", "Masked", "written"]
+__all__ = ["ShardEntry", "Direction", "Passes", "Dense", "Masked", "written"]
 
 
 @dataclass
@@ -63,7 +63,28 @@ class Direction(Protocol):
     def restore_(self, offset: float) -> None: ...
 
 
-class Dense:
+class Passes:
+    """What every direction kind shares: the restore, and no fusion by default."""
+
+    entry: ShardEntry
+    masters: bool
+
+    def update_(self, decay: float, coef: float, offset: float) -> None:
+        raise NotImplementedError
+
+    def restore_(self, offset: float) -> None:
+        if self.masters:
+            self.entry.view.local.copy_(self.entry.state["master"])
+            written(self.entry.view)
+        else:
+            self.update_(1.0, 0.0, offset)
+
+    def fuses_with(self, previous: Any) -> bool:
+        """Whether a two-stream pass can apply ``previous``'s update with this perturbation."""
+        return False
+
+
+class Dense(Passes):
     """MeZO's direction ``z``: the noise of ``(seed, step, query, stable id)`` at each global index."""
 
     def __init__(self, entry: ShardEntry, key: int, kind: str, masters: bool) -> None:
@@ -93,13 +114,6 @@ class Dense:
             # theta = x - off*z  =>  decay*theta + c*z = decay*x + (c - decay*off)*z
             noise.axpbz_(v.local, v.offset, self.key, decay, coef - decay * offset, self.kind)
         written(v)
-
-    def restore_(self, offset: float) -> None:
-        if self.masters:
-            self.entry.view.local.copy_(self.entry.state["master"])
-            written(self.entry.view)
-        else:
-            self.update_(1.0, 0.0, offset)
 
     def fuses_with(self, previous: Any) -> bool:
         """Whether :meth:`update_perturb_` can apply ``previous``'s update (same tensor, both plain z)."""

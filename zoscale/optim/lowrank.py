@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Sequence, Union
 import torch
 
 from zoscale import noise
-from zoscale.optim.directions import Dense, ShardEntry, written
+from zoscale.optim.directions import Dense, Passes, ShardEntry, written
 
 if TYPE_CHECKING:
     from zoscale.optim.base import ZOOptimizer
@@ -105,11 +105,12 @@ def factor_u(stable_id: str, seed: int, step: int, query: int, rows: tuple[int, 
     return noise.generate(rows[0] * rank, (rows[1] - rows[0]) * rank, key, kind, device=device).view(-1, rank)
 
 
-class LowRankDirection:
+class LowRankDirection(Passes):
     """The direction ``U V^T`` of one matrix, restricted to the rows a rank's shard touches.
 
     Its passes are those of every direction (``zoscale.optim.directions``); ``update_`` moves
-    along ``U V^T / r`` (the estimator's ``1/r``, see :class:`~zoscale.optim.lozo.LOZO`).
+    along ``U V^T / r`` (the estimator's ``1/r``, see :class:`~zoscale.optim.lozo.LOZO`). No
+    two-stream kernel for ``U V^T``: a held two-pass update takes a pass of its own.
 
     Attributes:
         U: ``(rows, r)`` fp32: rows ``row0 .. row0 + rows - 1`` of the ``m x r`` factor.
@@ -141,16 +142,6 @@ class LowRankDirection:
             # theta = x - off * P  =>  decay*theta + (c/r) P = decay*x + (c/r - decay*off) P
             self._axpb(v.local, v.local, decay, coef / r - decay * offset)
         written(v)
-
-    def restore_(self, offset: float) -> None:
-        if self.masters:
-            self.entry.view.local.copy_(self.entry.state["master"])
-            written(self.entry.view)
-        else:
-            self.update_(1.0, 0.0, offset)
-
-    def fuses_with(self, previous: object) -> bool:
-        return False  # no two-stream kernel for U V^T: a held update takes a pass of its own
 
 
 Direction = Union[Dense, LowRankDirection]
