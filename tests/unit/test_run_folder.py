@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.unit.checkpoint_files import reseal
+
 import zoscale.train.trainer as trainer
 from zoscale.train.config import load_config
 from zoscale.train.trainer import train
@@ -102,5 +104,6 @@ def test_a_checkpoint_records_its_run_and_is_refused_in_another(tmp_path: Path) 
     assert payload["run"] == json.loads((tmp_path / "run" / "run.json").read_text())
     payload["run"] = {**payload["run"], "data_fingerprint": "0" * 16}  # copied in from another run
     torch.save(payload, ckpt)
+    reseal(ckpt.parent)  # a whole checkpoint of another layout / run, its manifest matching
     with pytest.raises(ValueError, match=r"rank_00000.pt belongs to another run \(it differs in \['data_fingerprint'\]"):
         train(_cfg(tmp_path, "steps=4", "resume=true"), progress=False)

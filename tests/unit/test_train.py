@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.unit.checkpoint_files import reseal
 import torch
 
 from zoscale.train import load_config, train
@@ -169,6 +171,7 @@ def test_resume_errors_are_clear(tmp_path: Path) -> None:
     payload = torch.load(ckpt, weights_only=False)
     payload["world_size"] = 4
     torch.save(payload, ckpt)
+    reseal(ckpt.parent)  # a whole checkpoint of another layout / run, its manifest matching
     with pytest.raises(ValueError, match="written by 4 ranks, this run has 1"):
         train(_tiny_cfg(tmp_path, "ws", "steps=4", "resume=true"), progress=False)
 

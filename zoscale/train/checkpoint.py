@@ -1,7 +1,10 @@
 """Sharded checkpoints: each rank saves the shards it owns, its optimizer state and the data position.
 
-Layout: ``<dir>/step_<N>/rank_<r>.pt`` plus ``<dir>/step_<N>/done`` written last (by rank 0 after
-a barrier), so a checkpoint interrupted mid-write is never picked for resuming.
+Layout: ``<dir>/step_<N>/rank_<r>.pt``, then ``manifest.json`` (every rank file with its size and
+sha256, gathered by rank 0) and ``done``, written last by rank 0 after a barrier, so a checkpoint
+interrupted mid-write is never picked for resuming. :func:`intact_checkpoints` lists the complete
+checkpoints whose files are all there with their recorded sizes (a check before any model loads);
+:func:`verify_rank_file` checks one rank's file against its checksum (each rank its own, at load).
 A rank's file holds ``{"step", "world_size", "shards": {stable id: local tensor}, "optimizer":
 optimizer.state_dict()}``. Only trainable tensors are saved: frozen ones come back from the base
 model (with ``model.peft`` only the adapters are trainable, so a checkpoint holds nothing else).
@@ -13,6 +16,8 @@ built on the base weights with the same param groups applies it with ``ZOOptimiz
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,7 +27,14 @@ import torch.distributed as dist
 
 from zoscale.optim.base import ZOOptimizer
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "intact_checkpoints", "verify_rank_file",
+           "CheckpointError"]
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: a missing, truncated or corrupt file (named)."""
 
 
 def _barrier(world_size: int) -> None:
@@ -52,9 +64,11 @@ def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, wo
     }
     tmp = path / f"rank_{rank:05d}.pt.tmp"
     torch.save(payload, tmp)
-    tmp.rename(path / f"rank_{rank:05d}.pt")
-    _barrier(world_size)
+    final = path / f"rank_{rank:05d}.pt"
+    tmp.rename(final)
+    entries = _gather({"file": final.name, "bytes": final.stat().st_size, "sha256": _sha256(final)}, world_size)
     if rank == 0:
+        (path / MANIFEST).write_text(json.dumps({"step": step, "world_size": world_size, "files": entries}, indent=1))
         (path / "done").write_text(str(step))
         done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
         for old in done[:-keep]:
@@ -63,10 +77,69 @@ def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, wo
     return path
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _gather(entry: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+    if world_size == 1:
+        return [entry]
+    out: list[Any] = [None] * world_size
+    dist.all_gather_object(out, entry)
+    return out
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root``, or None."""
+    """The newest complete checkpoint under ``root`` (``done`` written), or None."""
     done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
     return done[-1] if done else None
+
+
+def _manifest_problem(path: Path) -> str | None:
+    """Why the checkpoint's files do not match its manifest (missing, truncated), or None."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return f"{manifest} is missing"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        return f"{manifest} is malformed ({e})"
+    for entry in files:
+        file = path / entry["file"]
+        if not file.is_file():
+            return f"{file} is missing"
+        if file.stat().st_size != entry["bytes"]:
+            return f"{file} has {file.stat().st_size} bytes, the manifest records {entry['bytes']} (truncated?)"
+    return None
+
+
+def intact_checkpoints(root: Path) -> tuple[list[Path], list[str]]:
+    """The complete checkpoints whose files match their manifest, newest first; and the problems
+    of the complete ones that do not (one line each, naming the file)."""
+    intact, problems = [], []
+    for path in sorted((p for p in root.glob("step_*") if (p / "done").exists()), reverse=True):
+        problem = _manifest_problem(path)
+        if problem is None:
+            intact.append(path)
+        else:
+            problems.append(problem)
+    return intact, problems
+
+
+def verify_rank_file(path: Path, rank: int) -> str | None:
+    """Why this rank's file of the checkpoint is corrupt (its sha256 differs from the manifest), or None."""
+    files = json.loads((path / MANIFEST).read_text())["files"]
+    name = f"rank_{rank:05d}.pt"
+    entry = next((e for e in files if e["file"] == name), None)
+    if entry is None:
+        return f"{path / MANIFEST} lists no {name}"
+    if _sha256(path / name) != entry["sha256"]:
+        return f"{path / name} is corrupt (its sha256 differs from the manifest's)"
+    return None
 
 
 def load_checkpoint(path: Path, optimizer: ZOOptimizer, rank: int, world_size: int,

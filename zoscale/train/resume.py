@@ -19,7 +19,9 @@ import dataclasses
 import sys
 from typing import Any
 
-from zoscale.train.checkpoint import load_checkpoint
+import torch
+
+from zoscale.train.checkpoint import CheckpointError, load_checkpoint, verify_rank_file
 from zoscale.train.fingerprint import fingerprints_match, weights_fingerprint
 from zoscale.train.run_folder import STEP_LOG, RunFolder
 from zoscale.train.step_log_file import StepLogError, StepLogWriter, read_step_log
@@ -54,9 +56,30 @@ def check_log_header(header: dict[str, Any], optimizer: Any, log: Any, from_base
                                f"{len(differ)} tensors differ (e.g. {differ[:3]}); load the run's base model")
 
 
-def resume(folder: RunFolder, optimizer: Any, rank: int, world_size: int) -> tuple[int, str | None]:
+def _verified(folder: RunFolder, engine: Any) -> Any:
+    """The newest checkpoint whose files every rank verified against the manifest (collective), or None."""
+    for path in [folder.checkpoint, *folder.fallbacks]:
+        problem = verify_rank_file(path, engine.rank)
+        bad = torch.tensor([1.0 if problem else 0.0], device=next(engine.module.parameters()).device)
+        if engine.world_size > 1:
+            bad = engine.all_reduce_sum(bad)
+        if bad.item() == 0:
+            return path
+        _say(engine.rank, f"checkpoint {path} is damaged ({problem or 'on another rank'}): falling back to an older one")
+        if problem:
+            print(f"[zoscale rank {engine.rank}] {problem}", file=sys.stderr, flush=True)
+    return None
+
+
+def resume(folder: RunFolder, optimizer: Any, engine: Any) -> tuple[int, str | None]:
     """Restore the run in ``folder`` onto ``optimizer``; return (the step to continue after, from what)."""
+    rank, world_size = engine.rank, engine.world_size
     start, origin = 0, None
+    if folder.checkpoint is not None:
+        checkpoint = _verified(folder, engine)
+        if checkpoint is None and folder.log is None:
+            raise CheckpointError(f"every checkpoint of {folder.path} is damaged and there is no step log")
+        folder.checkpoint = checkpoint
     if folder.checkpoint is not None:
         start = load_checkpoint(folder.checkpoint, optimizer, rank, world_size, folder.identity)
         origin = str(folder.checkpoint)

@@ -26,11 +26,12 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 from zoscale.data.tasks import Example
-from zoscale.train.checkpoint import latest_checkpoint
+from zoscale.train.checkpoint import intact_checkpoints, latest_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.step_log_file import read_step_log
 
@@ -76,6 +77,9 @@ class RunFolder:
     step: int
     log: Path | None = None
     checkpoint_step: int = 0
+    #: Older intact checkpoints of this layout, newest first: where a resume falls back to when
+    #: a file of ``checkpoint`` turns out corrupt at load.
+    fallbacks: list[Path] = dataclasses.field(default_factory=list)
 
 
 def _differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
@@ -117,14 +121,20 @@ def prepare_run_folder(cfg: TrainConfig, identity: dict[str, Any]) -> RunFolder:
         raise FileNotFoundError(f"resume requested but {out} holds neither a step log ({STEP_LOG}) nor a complete "
                                 f"checkpoint under {root}")
     same_layout = recorded is not None and not _differences(recorded, identity)
-    checkpoint = latest if latest is not None and same_layout else None
+    intact, problems = intact_checkpoints(root) if same_layout else ([], [])
+    for problem in problems:  # a checkpoint cut short or damaged: the next older one, and the log, instead
+        print(f"[zoscale] skipping a checkpoint: {problem}", file=sys.stderr, flush=True)
+    if same_layout and latest is not None and not intact and log is None:
+        raise FileNotFoundError(f"resume requested but no checkpoint under {root} is intact ({'; '.join(problems)}) "
+                                "and there is no step log")
+    checkpoint = intact[0] if intact else None
     checkpoint_step = _checkpoint_step(checkpoint) if checkpoint is not None else 0
     logged = read_step_log(log)[1] if log is not None else []
     step = max(checkpoint_step, logged[-1][0] if logged else 0)
     if cfg.steps < step:
         raise ValueError(f"--steps {cfg.steps} is below the step to resume ({step}, from "
                          f"{checkpoint or log})")
-    return RunFolder(out, identity, checkpoint, step, log, checkpoint_step)
+    return RunFolder(out, identity, checkpoint, step, log, checkpoint_step, intact[1:])
 
 
 def write_run_folder(folder: RunFolder) -> None:

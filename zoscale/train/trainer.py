@@ -175,7 +175,7 @@ def build(cfg: TrainConfig, builder: EngineBuilder | None = None) -> Run:
     train_truncated = _audit(task, data.train, encoder)
     engine, optimizer = _wrap(cfg, model, builder)
     out = Path(cfg.output_dir)
-    start, resumed = resume(folder, optimizer, engine.rank, engine.world_size)
+    start, resumed = resume(folder, optimizer, engine)
     folder.step = start
     metrics = None
     if engine.rank == 0:
@@ -308,10 +308,10 @@ def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: Pr
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             entry.update(evaluate_run(run, run.data.eval)[0])
             score = entry[headline]
-        run.record(entry)
         checkpointed = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
         if checkpointed:
-            _checkpoint(run, step)
+            entry.update(_checkpoint(run, step))
+        run.record(entry)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", score=f"{score:.3f}")
@@ -327,6 +327,10 @@ def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: Pr
             raise Preempted(step, signum)
 
 
-def _checkpoint(run: Run, step: int) -> None:
-    save_checkpoint(run.out / "checkpoints", step, run.optimizer, run.engine.rank, run.engine.world_size,
-                    run.cfg.keep_checkpoints, run.identity)
+def _checkpoint(run: Run, step: int) -> dict[str, Any]:
+    """Write the full checkpoint of ``step``; its size (every rank's files) and seconds, for metrics."""
+    t0 = time.perf_counter()
+    path = save_checkpoint(run.out / "checkpoints", step, run.optimizer, run.engine.rank, run.engine.world_size,
+                           run.cfg.keep_checkpoints, run.identity)
+    seconds = time.perf_counter() - t0
+    return {"checkpoint_s": seconds, "checkpoint_bytes": sum(f.stat().st_size for f in path.iterdir())}

@@ -1,0 +1,92 @@
+"""Damaged checkpoints (issue 12): every file is in a manifest with its size and sha256; a
+truncated or corrupt newest checkpoint is skipped, saying so, and the run resumes from the newest
+intact one plus the step log: the same run as uninterrupted, bit for bit."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.unit.test_run_folder import _cfg
+from zoscale.train.checkpoint import CheckpointError, intact_checkpoints, verify_rank_file
+from zoscale.train.trainer import train
+
+
+@pytest.fixture(autouse=True)
+def _eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
+
+
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").open()) if "loss" in r}
+
+
+def _final(run: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return dict(AutoModelForCausalLM.from_pretrained(run / "final").named_parameters())
+
+
+def _reference(tmp: Path) -> Path:
+    ref = tmp / "ref"
+    ref.mkdir()
+    train(_cfg(ref, "steps=8", "save_final=true"), progress=False)
+    return ref / "run"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt", "delete"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path: Path, damage: str,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    train(_cfg(tmp_path, "steps=6", "checkpoint_every=2", "keep_checkpoints=3"), progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    newest = root / "step_00000006" / "rank_00000.pt"
+    manifest = json.loads((root / "step_00000006" / "manifest.json").read_text())
+    assert manifest["files"][0]["bytes"] == newest.stat().st_size and len(manifest["files"][0]["sha256"]) == 64
+    data = newest.read_bytes()
+    if damage == "truncate":
+        newest.write_bytes(data[: len(data) // 2])
+    elif damage == "corrupt":  # same size, other bytes: only the checksum tells
+        newest.write_bytes(data[:-64] + bytes(64))
+    else:
+        newest.unlink()
+    capsys.readouterr()
+    summary = train(_cfg(tmp_path, "steps=8", "checkpoint_every=2", "keep_checkpoints=3", "resume=true",
+                         "save_final=true"), progress=False)
+    err = capsys.readouterr().err
+    said = {"truncate": "has .* bytes, the manifest records", "corrupt": "is corrupt .*falling back|falling back",
+            "delete": "rank_00000.pt is missing"}[damage]
+    assert re.search(said, err), err[-2000:]
+    assert summary["start_step"] == 6 and "step_00000004" in summary["resumed_from"]
+    ref = _reference(tmp_path)
+    assert _losses(tmp_path / "run") == _losses(ref)
+    want = _final(ref)
+    for name, p in _final(tmp_path / "run").items():
+        assert torch.equal(p, want[name]), name
+
+
+def test_the_checks_name_the_file(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, "steps=2", "checkpoint_every=1", "keep_checkpoints=2"), progress=False)
+    root = tmp_path / "run" / "checkpoints"
+    assert [p.name for p in intact_checkpoints(root)[0]] == ["step_00000002", "step_00000001"]
+    file = root / "step_00000002" / "rank_00000.pt"
+    file.write_bytes(file.read_bytes()[:100])
+    intact, problems = intact_checkpoints(root)
+    assert [p.name for p in intact] == ["step_00000001"] and str(file) in problems[0]
+    assert verify_rank_file(root / "step_00000001", 0) is None
+    (root / "step_00000001" / "rank_00000.pt").write_bytes(b"x" * (root / "step_00000001" / "rank_00000.pt").stat().st_size)
+    assert "rank_00000.pt is corrupt" in verify_rank_file(root / "step_00000001", 0)
+    (tmp_path / "run" / "steps.jsonl").unlink()  # nothing left to resume from
+    with pytest.raises(CheckpointError, match="every checkpoint .* is damaged and there is no step log"):
+        train(_cfg(tmp_path, "steps=3", "resume=true"), progress=False)
+
+
+def test_metrics_record_each_checkpoints_bytes_and_seconds(tmp_path: Path) -> None:
+    train(_cfg(tmp_path, "steps=2", "checkpoint_every=2"), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    row = next(r for r in rows if "checkpoint_bytes" in r)
+    size = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir())
+    assert row["step"] == 2 and row["checkpoint_bytes"] == size and row["checkpoint_s"] > 0
