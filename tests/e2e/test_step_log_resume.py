@@ -35,9 +35,10 @@ def _logged_steps(run: Path) -> int:
 
 
 def test_sigkill_loses_no_completed_step(tmp_path: Path) -> None:
-    _single(tmp_path, "full", NO_MASTER)
-    kill_after = random.Random(os.getpid()).randint(2, STEPS - 2)
-    cmd = [sys.executable, TRAIN, *_common(tmp_path, "killed"), "--steps", str(STEPS), "batch_size=8",
+    steps = 30  # enough that the kill lands before the end, however fast the steps
+    _single(tmp_path, "full", NO_MASTER, "--steps", str(steps))
+    kill_after = random.Random(os.getpid()).randint(2, 10)
+    cmd = [sys.executable, TRAIN, *_common(tmp_path, "killed"), "--steps", str(steps), "batch_size=8",
            "optimizer.type=MeZO", "optimizer.params.lr=0.001", "optimizer.params.eps=0.001", NO_MASTER]
     proc = subprocess.Popen(cmd, env=_env(), cwd=Path(TRAIN).parents[1], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -47,7 +48,7 @@ def test_sigkill_loses_no_completed_step(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     logged = _logged_steps(tmp_path / "killed")
-    assert kill_after <= logged < STEPS, (kill_after, logged)
+    assert kill_after <= logged < steps, (kill_after, logged)
     assert not (tmp_path / "killed" / "checkpoints").exists()  # no full checkpoint: the log alone
     out = _run([*cmd, "--resume"])
     assert f"replayed steps 1-{logged}" in out.stderr
@@ -124,3 +125,42 @@ def test_a_preemption_signal_checkpoints_and_exits_75_and_the_resume_equals_the_
     w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "stopped")
     for name, p in w1.items():
         assert torch.equal(w2[name], p), name
+
+
+def _session(sid: int) -> list[int]:
+    """The live processes of session ``sid`` (the launcher's tree: it was started in a new session)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid, stat in (line.split()[:2] for line in out.splitlines() if line.strip())
+            if not stat.startswith("Z")]
+
+
+def test_sigterm_to_the_deepspeed_launcher_leaves_no_rank_running(tmp_path: Path) -> None:
+    """The deepspeed launcher returns at once on SIGTERM; its ranks notice that their parent is
+    gone, finish the step, write a checkpoint and exit: nothing keeps running, nothing is lost."""
+    from tests.distributed.spawn import free_port
+    from tests.e2e.test_launch import VENV_BIN
+
+    ds = _ds_config(tmp_path, 3)
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--ds_config", str(ds), *_common(tmp_path, "ds"), "--steps", "100000", "--eval_every", "0"]
+    err = (tmp_path / "launcher.err").open("w")
+    proc = subprocess.Popen(cmd, env=_env(), cwd=Path(TRAIN).parents[1], stdout=subprocess.DEVNULL,
+                            stderr=err, start_new_session=True)
+    deadline = time.time() + 300
+    while _logged_steps(tmp_path / "ds") < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, (tmp_path / "launcher.err").read_text()[-3000:]
+    assert len(_session(proc.pid)) >= 4, _session(proc.pid)  # deepspeed, its per-node launcher, 2 ranks
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    deadline = time.time() + 240  # a step, a checkpoint and the exit, on a loaded machine
+    while _session(proc.pid) and time.time() < deadline:
+        time.sleep(0.2)
+    left = _session(proc.pid)
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
+    assert not left, f"processes {left} still running 240 s after SIGTERM to the launcher"
+    logged = _logged_steps(tmp_path / "ds")
+    done = sorted(p.parent.name for p in (tmp_path / "ds" / "checkpoints").glob("step_*/done"))
+    err.close()
+    assert done and done[-1] == f"step_{logged:08d}", (logged, done, (tmp_path / "launcher.err").read_text()[-4000:])

@@ -303,22 +303,24 @@ def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: Pr
     for step in range(run.start + 1, cfg.steps + 1):
         first = len(run.optimizer.step_log)
         entry = train_step(run, step)
-        if run.log is not None:  # the step is a resume point as soon as it is in the log
-            run.log.append(step, step_records(run.optimizer, first))
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
             entry.update(evaluate_run(run, run.data.eval)[0])
             score = entry[headline]
+        # metrics.jsonl first, then the log: a run killed in between redoes the step (its metrics
+        # record is dropped on resume), so every step in the log has its record.
+        run.record(entry)
+        if run.log is not None:  # the step is a resume point as soon as it is in the log
+            run.log.append(step, step_records(run.optimizer, first))
         checkpointed = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
         if checkpointed:
-            entry.update(_checkpoint(run, step))
-        run.record(entry)
+            run.record({"step": step, **_checkpoint(run, step)})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{entry['loss']:.4f}", score=f"{score:.3f}")
         signum = preemption.agreed(run.engine)
         if signum:
             if not checkpointed:
-                _checkpoint(run, step)
+                run.record({"step": step, **_checkpoint(run, step)})
             if run.lead:
                 print(f"[zoscale] preempted after step {step}: checkpoint written; exit {EXIT_PREEMPTED} "
                       "(resume with --resume)", file=sys.stderr, flush=True)
