@@ -165,13 +165,10 @@ class SparseMeZO(ZOOptimizer):
 
     @torch.no_grad()
     def replay(self, log: list[dict[str, Any]]) -> None:
-        """Apply a step log to the base weights (see :meth:`ZOOptimizer.replay`).
+        """Re-run a step log (see :meth:`ZOOptimizer.replay`): masks, passes and updates bitwise.
 
         Thresholds come from this optimizer's state (loaded from the run) or, if absent, from the
-        weights replayed onto, which must then be the run's starting weights. With master weights
-        the replay repeats the run's masks and updates bitwise; without, each step's mask is taken
-        from the replayed theta, which differs from the run's by its +-eps round-trip drift, so
-        an entry within that drift of ``h`` could be decided differently.
+        weights replayed onto, which must then be the run's starting weights.
         """
         self.ensure_thresholds()
         super().replay(log)

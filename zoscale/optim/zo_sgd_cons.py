@@ -169,7 +169,7 @@ class ZOSGDCons(ZOOptimizer):
           global batch.
         * :meth:`step` returns ``L(theta)`` (the exact loss before the step). Each step-log
           record also has ``"choice"`` (``"keep"``, ``"descent"``, ``"ascent"``) and
-          ``"cons_losses"`` ``[L0, L(c-), L(c+)]``; :meth:`replay` applies the chosen move.
+          ``"cons_losses"`` ``[L0, L(c-), L(c+)]``; :meth:`replay` re-runs the step from them.
 
     Args:
         params: ``model.named_parameters()`` (recommended), parameters, or param groups.

@@ -31,7 +31,7 @@ class ZOSGDSign(ZOOptimizer):
         * n-SPSA (``q > 1``) as MeZO: each query applies ``lr/q sign(g_k) z_k`` right after its
           forwards.
         * The step log records the projected gradient ``g`` itself (as MeZO's); :meth:`replay`
-          applies ``sign(g)``, so replaying reproduces the run (bitwise with master weights).
+          re-runs the steps from it, so replaying reproduces the run bit for bit.
         * Weight decay is MeZO's L2 term ``lr wd theta`` (ZO-Bench applies it through its
           optimizer the same way).
 
