@@ -4,7 +4,9 @@ Driven by ``tests/optim_table.py``. For each engine, one set of spawned ranks ru
 ``STEPS`` steps on half batches (the same trajectory as one process on the whole batch, within
 the fp32 tolerance derived in ``test_deepspeed.py``), then the same run interrupted after 2
 steps, checkpointed with ``zoscale.train.checkpoint``, rebuilt from the base weights and
-resumed (bitwise equal to the uninterrupted run on that engine). An optimizer that cannot run on
+resumed (bitwise equal to the uninterrupted run on that engine). The step log crosses layouts
+bit for bit both ways (issue 12): the engine's log replayed on one process gives the engine's
+weights, and the one-process log replayed on the engine gives the one-process weights. An optimizer that cannot run on
 an engine must refuse to be built there with a ``ValueError`` naming the engine.
 """
 
@@ -90,7 +92,7 @@ def _worker(rank: int, world: int, engine: str, out: str) -> None:
             continue
         r = _Run(engine, rec)
         losses = [r.step(ids) for _ in range(T.STEPS)]
-        params, shards = r.full_params(), r.shards()
+        params, shards, log = r.full_params(), r.shards(), r.opt.step_log
         del r
         # Interrupted after 2 steps, resumed from the checkpoint on fresh base weights.
         ckpt = Path(out) / f"{rec.name}_ckpt"
@@ -107,7 +109,16 @@ def _worker(rank: int, world: int, engine: str, out: str) -> None:
         assert params and set(resumed_params) == set(params), (engine, rec.name)
         for n, p in params.items():
             assert torch.equal(resumed_params[n], p), (engine, rec.name, n)
-        results[rec.name] = {"losses": losses, "params": params, "shards": shards}
+        results[rec.name] = {"losses": losses, "params": params, "shards": shards, "log": list(log)}
+        if rec.name != "hybrid":  # the step log of one process, replayed on this engine: its weights, bitwise
+            _, ref_params, ref_opt = T.run_local(rec)
+            r = _Run(engine, rec)
+            r.opt.replay(ref_opt.step_log)
+            r.opt.flush()
+            replayed = r.full_params()
+            del r
+            for n, p in ref_params.items():
+                assert torch.equal(replayed[n], p), (engine, rec.name, "replay of the one-process log", n)
         if OPTIMIZERS[rec.name].supports_two_pass():  # deferred updates: the same run within rounding
             r = _Run(engine, rec, two_pass=True)
             two_pass = [r.step(ids) for _ in range(T.STEPS)]
@@ -159,6 +170,12 @@ def test_every_optimizer_follows_the_single_process_trajectory(engine: str, tmp_
             torch.testing.assert_close(got["params"][n], p, rtol=0, atol=ATOL, msg=f"{engine} {rec.name} {n}")
             moved = max(moved, (p - start[n].detach()).abs().max().item())
         assert moved > 20 * ATOL, (rec.name, moved)  # the bound is far below how far the run moved
+        if rec.name != "hybrid":  # this engine's log replayed on one process: the engine's weights, bitwise
+            m = T.model()
+            replayer = T.build(rec, m.named_parameters(), module=m)
+            replayer.replay(got["log"])
+            for n, p in m.named_parameters():
+                assert torch.equal(p.detach(), got["params"][n]), (engine, rec.name, "replay on one process", n)
         if "two_pass" in got:  # the two-pass step against the three-pass one-process run
             assert got["two_pass"]["losses"] == pytest.approx(ref_losses, rel=1e-5), rec.name
             for n, p in ref_params.items():
