@@ -12,6 +12,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: slow tests (real pretrained model, long runs); run with -m slow")
     config.addinivalue_line("markers", "distributed: spawns several gloo processes")
     config.addinivalue_line("markers", "slurm: starts a local SLURM cluster (root, apt); deselect with -m 'not slurm'")
+    config.addinivalue_line("markers", "extended: slower launcher suites kept out of the default run to hold it under "
+                                       "25 min; .ci/run runs them after it (-m extended)")
 
 
 @pytest.fixture(autouse=True)

@@ -24,7 +24,8 @@ import torch
 from tests.e2e.test_launch import (STEPS, TRAIN, _common, _deepspeed, _ds_config, _env, _losses, _run, _single,
                                    _weights)
 
-pytestmark = pytest.mark.distributed
+# Real launchers, several runs per test (~5 min in all): outside the default run, in .ci/run.
+pytestmark = [pytest.mark.distributed, pytest.mark.extended]
 
 NO_MASTER = "optimizer.params.master_weights=false"
 
