@@ -21,7 +21,7 @@ Kinds here: :class:`Dense` (MeZO's ``z``) and :class:`Masked` (Sparse MeZO's ``m
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 
@@ -31,7 +31,7 @@ from zoscale.shards import ShardView
 if TYPE_CHECKING:
     from zoscale.optim.base import ZOOptimizer
 
-__all__ = ["ShardEntry", "Direction", "Passes", "Dense", "Masked", "written"]
+__all__ = ["ShardEntry", "Passes", "Dense", "Masked", "written"]
 
 
 @dataclass
@@ -51,23 +51,15 @@ def written(view: ShardView) -> None:
         view.after_write()
 
 
-class Direction(Protocol):
-    """The passes of one tensor's direction for one query (see the module docstring)."""
-
-    entry: ShardEntry
-
-    def perturb_(self, scale: float, delta: float) -> None: ...
-
-    def update_(self, decay: float, coef: float, offset: float) -> None: ...
-
-    def restore_(self, offset: float) -> None: ...
-
-
 class Passes:
-    """What every direction kind shares: the restore, and no fusion by default."""
+    """The passes of one tensor's direction for one query (see the module docstring), and what
+    every direction kind shares: the restore, and no fusion by default."""
 
     entry: ShardEntry
     masters: bool
+
+    def perturb_(self, scale: float, delta: float) -> None:
+        raise NotImplementedError
 
     def update_(self, decay: float, coef: float, offset: float) -> None:
         raise NotImplementedError

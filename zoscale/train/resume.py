@@ -26,7 +26,7 @@ from zoscale.train.fingerprint import fingerprints_match, weights_fingerprint
 from zoscale.train.run_folder import STEP_LOG, RunFolder
 from zoscale.train.step_log_file import StepLogError, StepLogWriter, read_step_log
 
-__all__ = ["resume", "open_step_log", "step_records", "check_log_header"]
+__all__ = ["resume", "open_step_log", "check_log_header"]
 
 
 def _say(rank: int, text: str) -> None:
@@ -123,8 +123,3 @@ def open_step_log(folder: RunFolder, optimizer: Any, cfg: Any, start: int, rank:
     if header is None:
         writer.truncate_after(start)
     return writer
-
-
-def step_records(optimizer: Any, first: int) -> list[dict[str, Any]]:
-    """The step-log records the last step appended (from index ``first`` of ``optimizer.step_log``)."""
-    return optimizer.step_log[first:]

@@ -33,7 +33,7 @@ from zoscale.train.checkpoint import save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.evaluation import evaluate, rank_sync
 from zoscale.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
-from zoscale.train.resume import open_step_log, resume, step_records
+from zoscale.train.resume import open_step_log, resume
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 from zoscale.train.step_log_file import StepLogWriter
 
@@ -310,7 +310,7 @@ def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: Pr
         # record is dropped on resume), so every step in the log has its record.
         run.record(entry)
         if run.log is not None:  # the step is a resume point as soon as it is in the log
-            run.log.append(step, step_records(run.optimizer, first))
+            run.log.append(step, run.optimizer.step_log[first:])
         checkpointed = bool(cfg.checkpoint_every) and step % cfg.checkpoint_every == 0
         if checkpointed:
             run.record({"step": step, **_checkpoint(run, step)})
