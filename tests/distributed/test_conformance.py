@@ -6,7 +6,10 @@ the fp32 tolerance derived in ``test_deepspeed.py``), then the same run interrup
 steps, checkpointed with ``zoscale.train.checkpoint``, rebuilt from the base weights and
 resumed (bitwise equal to the uninterrupted run on that engine). The step log crosses layouts
 bit for bit both ways (issue 12): the engine's log replayed on one process gives the engine's
-weights, and the one-process log replayed on the engine gives the one-process weights. An optimizer that cannot run on
+weights, and the one-process log replayed on the engine gives the one-process weights. Full
+checkpoints cross layouts too (DCP): each engine's loads on one process, one process's loads on
+each engine, ZeRO-3's loads on FSDP2, and the run continues exactly as after replaying the
+checkpoint's step log there. An optimizer that cannot run on
 an engine must refuse to be built there with a ``ValueError`` naming the engine.
 """
 
@@ -80,6 +83,42 @@ class _Run:
         return held
 
 
+#: Optimizers whose full checkpoints are also loaded on other layouts in the spawned ranks (the
+#: issue's three: plain, low-rank row factors, per-element moments); every one loads on one process.
+CROSS = ("mezo", "lozo_m", "zo_adam")
+
+
+def _continued(engine: str, rec: T.OptimRecord, path: Path, ids: torch.Tensor, rank: int,
+               world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """Two steps after loading the checkpoint at ``path`` on ``engine``, and the same two steps
+    after replaying the checkpoint's own step log from the base weights instead (the reference:
+    the log crosses layouts bit for bit). Returns (losses, weights) of both, in that order."""
+    if engine == "local":
+        m, m_ref = T.model(), T.model()
+        opt, ref = T.build(rec, m.named_parameters(), module=m), T.build(rec, m_ref.named_parameters(), module=m_ref)
+        assert load_checkpoint(latest_checkpoint(path), opt, rank, world) == 2
+        ref.replay(opt.step_log)
+        return tuple(([o.step(T.closure(x, ids)) for _ in range(2)], {n: p.detach() for n, p in x.named_parameters()})
+                     for o, x in ((opt, m), (ref, m_ref)))
+    r = _Run(engine, rec)
+    assert load_checkpoint(latest_checkpoint(path), r.opt, rank, world) == 2
+    log = list(r.opt.step_log)
+    got = ([r.step(ids) for _ in range(2)], r.full_params())
+    del r
+    r = _Run(engine, rec)
+    r.opt.replay(log)
+    want = ([r.step(ids) for _ in range(2)], r.full_params())
+    return got, want
+
+
+def _continue_from(engine: str, rec: T.OptimRecord, path: Path, ids: torch.Tensor, rank: int, world: int) -> None:
+    """A checkpoint of another layout continues here as its replayed log does: bit for bit."""
+    (got_losses, got), (want_losses, want) = _continued(engine, rec, path, ids, rank, world)
+    assert got_losses == want_losses, (engine, rec.name, str(path), got_losses, want_losses)
+    for n, p in want.items():
+        assert torch.equal(got[n], p), (engine, rec.name, str(path), n)
+
+
 def _worker(rank: int, world: int, engine: str, out: str) -> None:
     os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
     ids = T.data()[rank * T.BATCH // world:(rank + 1) * T.BATCH // world]
@@ -110,6 +149,10 @@ def _worker(rank: int, world: int, engine: str, out: str) -> None:
         for n, p in params.items():
             assert torch.equal(resumed_params[n], p), (engine, rec.name, n)
         results[rec.name] = {"losses": losses, "params": params, "shards": shards, "log": list(log)}
+        if rec.name in CROSS:  # full checkpoints across layouts: one process -> here, and ZeRO-3 -> FSDP2
+            _continue_from(engine, rec, Path(out) / "one_process_ckpt" / rec.name, ids, rank, world)
+            if engine == "zero3":
+                _continue_from("fsdp", rec, ckpt, ids, rank, world)
         if rec.name != "hybrid":  # the step log of one process, replayed on this engine: its weights, bitwise
             _, ref_params, ref_opt = T.run_local(rec)
             r = _Run(engine, rec)
@@ -133,6 +176,13 @@ def test_every_optimizer_follows_the_single_process_trajectory(engine: str, tmp_
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # The eager noise kernels in the ranks and in the reference: bit-identical z everywhere.
     monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
+    for rec in T.RECORDS:  # one process's checkpoints after 2 steps, which the ranks load on their layout
+        if rec.name in CROSS:
+            m = T.model()
+            opt = T.build(rec, m.named_parameters(), module=m)
+            for _ in range(2):
+                opt.step(T.closure(m, T.data()))
+            save_checkpoint(tmp_path / "one_process_ckpt" / rec.name, 2, opt, 0, 1, keep=1)
     run(_worker, 2, engine, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for rec in T.RECORDS:
@@ -176,6 +226,15 @@ def test_every_optimizer_follows_the_single_process_trajectory(engine: str, tmp_
             replayer.replay(got["log"])
             for n, p in m.named_parameters():
                 assert torch.equal(p.detach(), got["params"][n]), (engine, rec.name, "replay on one process", n)
+        # This engine's full checkpoint after 2 steps continues on one process as its replayed log
+        # does, bit for bit; the hybrid's per-rank first-order state is refused on another world size.
+        if rec.name == "hybrid":
+            m = T.model()
+            with pytest.raises(ValueError, match="per-rank optimizer state .* resume it on 2 ranks"):
+                load_checkpoint(latest_checkpoint(tmp_path / "hybrid_ckpt"), T.build(rec, m.named_parameters(), module=m),
+                                0, 1)
+        else:
+            _continue_from("local", rec, tmp_path / f"{rec.name}_ckpt", T.data(), 0, 1)
         if "two_pass" in got:  # the two-pass step against the three-pass one-process run
             assert got["two_pass"]["losses"] == pytest.approx(ref_losses, rel=1e-5), rec.name
             for n, p in ref_params.items():

@@ -127,9 +127,9 @@ def test_deepspeed_launcher_on_two_nodes_follows_the_single_process_run(tmp_path
     outs = run_nodes([deepspeed_node(tmp_path, n, port, args) for n in (0, 1)])
     assert "--node_rank=1" in outs[1].stdout and '"world_size": 2' in outs[0].stdout
     _assert_same(losses(tmp_path / "ds"), reference)
-    # One ZeRO-3 shard per node in the checkpoint.
+    # Each node's rank wrote its ZeRO-3 chunks of the checkpoint.
     ckpt = tmp_path / "ds" / "checkpoints" / f"step_{STEPS:08d}"
-    assert sorted(p.name for p in ckpt.glob("rank_*.pt")) == ["rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name.split("_")[2] for p in ckpt.glob("__*.distcp")) == ["0", "1"]
 
 
 def test_torchrun_on_two_nodes_follows_the_single_process_run(tmp_path: Path, reference: dict[int, float]) -> None:

@@ -139,7 +139,7 @@ def test_deepspeed_job_follows_the_single_process_run_and_resumes_after_requeue(
     assert (state, code) == ("COMPLETED", "0:0"), _why(cluster, work, "zoscale-ds", job)
     # Where the README says: runs/slurm/<job name>-<job id>/ under the submission directory.
     run = work / "runs" / "slurm" / f"zoscale-ds-{job}"
-    assert (run / "checkpoints" / f"step_{HALF:08d}" / "rank_00001.pt").is_file()
+    assert list((run / "checkpoints" / f"step_{HALF:08d}").glob("__1_*.distcp"))  # rank 1's chunks
     assert (run / "checkpoints" / f"step_{HALF:08d}" / "done").is_file()
     assert (run / "final" / "config.json").is_file()
     assert sorted(_losses(run)) == list(range(1, HALF + 1))

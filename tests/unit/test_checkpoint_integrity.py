@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.unit.test_run_folder import _cfg
-from zoscale.train.checkpoint import CheckpointError, intact_checkpoints, verify_rank_file
+from zoscale.train.checkpoint import CheckpointError, intact_checkpoints, verify_files
 from zoscale.train.trainer import train
 
 
@@ -31,6 +31,12 @@ def _final(run: Path) -> dict[str, torch.Tensor]:
     return dict(AutoModelForCausalLM.from_pretrained(run / "final").named_parameters())
 
 
+def _data_file(path: Path) -> Path:
+    """The checkpoint's (one process's) DCP data file: the tensors."""
+    (file,) = path.glob("*.distcp")
+    return file
+
+
 def _reference(tmp: Path) -> Path:
     ref = tmp / "ref"
     ref.mkdir()
@@ -43,9 +49,11 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
                                                                           capsys: pytest.CaptureFixture) -> None:
     train(_cfg(tmp_path, "steps=6", "checkpoint_every=2", "keep_checkpoints=3"), progress=False)
     root = tmp_path / "run" / "checkpoints"
-    newest = root / "step_00000006" / "rank_00000.pt"
+    newest = _data_file(root / "step_00000006")
     manifest = json.loads((root / "step_00000006" / "manifest.json").read_text())
-    assert manifest["files"][0]["bytes"] == newest.stat().st_size and len(manifest["files"][0]["sha256"]) == 64
+    entry = next(e for e in manifest["files"] if e["file"] == newest.name)
+    assert entry["bytes"] == newest.stat().st_size and len(entry["sha256"]) == 64
+    assert {e["file"] for e in manifest["files"]} == {newest.name, ".metadata"}
     data = newest.read_bytes()
     if damage == "truncate":
         newest.write_bytes(data[: len(data) // 2])
@@ -58,7 +66,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_newest_intact_one(tmp_pat
                          "save_final=true"), progress=False)
     err = capsys.readouterr().err
     said = {"truncate": "has .* bytes, the manifest records", "corrupt": "is corrupt .*falling back|falling back",
-            "delete": "rank_00000.pt is missing"}[damage]
+            "delete": f"{newest.name} is missing"}[damage]
     assert re.search(said, err), err[-2000:]
     assert summary["start_step"] == 6 and "step_00000004" in summary["resumed_from"]
     ref = _reference(tmp_path)
@@ -72,13 +80,14 @@ def test_the_checks_name_the_file(tmp_path: Path) -> None:
     train(_cfg(tmp_path, "steps=2", "checkpoint_every=1", "keep_checkpoints=2"), progress=False)
     root = tmp_path / "run" / "checkpoints"
     assert [p.name for p in intact_checkpoints(root)[0]] == ["step_00000002", "step_00000001"]
-    file = root / "step_00000002" / "rank_00000.pt"
+    file = _data_file(root / "step_00000002")
     file.write_bytes(file.read_bytes()[:100])
     intact, problems = intact_checkpoints(root)
     assert [p.name for p in intact] == ["step_00000001"] and str(file) in problems[0]
-    assert verify_rank_file(root / "step_00000001", 0) is None
-    (root / "step_00000001" / "rank_00000.pt").write_bytes(b"x" * (root / "step_00000001" / "rank_00000.pt").stat().st_size)
-    assert "rank_00000.pt is corrupt" in verify_rank_file(root / "step_00000001", 0)
+    assert verify_files(root / "step_00000001", 0, 1) is None
+    older = _data_file(root / "step_00000001")
+    older.write_bytes(b"x" * older.stat().st_size)
+    assert f"{older} is corrupt" in verify_files(root / "step_00000001", 0, 1)
     (tmp_path / "run" / "steps.jsonl").unlink()  # nothing left to resume from
     with pytest.raises(CheckpointError, match="every checkpoint .* is damaged and there is no step log"):
         train(_cfg(tmp_path, "steps=3", "resume=true"), progress=False)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.checkpoint_files import reseal
 
 import zoscale.train.trainer as trainer
 from zoscale.train.config import load_config
@@ -96,14 +95,11 @@ def test_a_resumed_run_writes_each_step_once_and_says_where_it_resumed(tmp_path:
 
 
 def test_a_checkpoint_records_its_run_and_is_refused_in_another(tmp_path: Path) -> None:
-    import torch
-
     train(_cfg(tmp_path, "steps=2", "checkpoint_every=2"), progress=False)
-    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002" / "rank_00000.pt"
-    payload = torch.load(ckpt, weights_only=False)
-    assert payload["run"] == json.loads((tmp_path / "run" / "run.json").read_text())
-    payload["run"] = {**payload["run"], "data_fingerprint": "0" * 16}  # copied in from another run
-    torch.save(payload, ckpt)
-    reseal(ckpt.parent)  # a whole checkpoint of another layout / run, its manifest matching
-    with pytest.raises(ValueError, match=r"rank_00000.pt belongs to another run \(it differs in \['data_fingerprint'\]"):
+    ckpt = tmp_path / "run" / "checkpoints" / "step_00000002"
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    assert manifest["run"] == json.loads((tmp_path / "run" / "run.json").read_text())
+    manifest["run"] = {**manifest["run"], "data_fingerprint": "0" * 16}  # copied in from another run
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"step_00000002 belongs to another run \(it differs in \['data_fingerprint'\]"):
         train(_cfg(tmp_path, "steps=4", "resume=true"), progress=False)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.unit.checkpoint_files import reseal
 import torch
 
 from zoscale.train import load_config, train
@@ -166,14 +165,6 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path: Path) -> None:
 def test_resume_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="neither a step log .* nor a complete checkpoint"):
         train(_tiny_cfg(tmp_path, "none", "steps=2", "resume=true"), progress=False)
-    train(_tiny_cfg(tmp_path, "ws", "steps=2", "checkpoint_every=2", "save_final=false"), progress=False)
-    ckpt = tmp_path / "ws" / "checkpoints" / "step_00000002" / "rank_00000.pt"
-    payload = torch.load(ckpt, weights_only=False)
-    payload["world_size"] = 4
-    torch.save(payload, ckpt)
-    reseal(ckpt.parent)  # a whole checkpoint of another layout / run, its manifest matching
-    with pytest.raises(ValueError, match="written by 4 ranks, this run has 1"):
-        train(_tiny_cfg(tmp_path, "ws", "steps=4", "resume=true"), progress=False)
 
 
 # ----------------------------------------------------------------------------- PEFT
@@ -192,6 +183,7 @@ def _peft_cfg(tmp_path: Path, out: str, mode: str, *extra: str):
 
 @pytest.mark.parametrize("mode", ["lora", "prompt"])
 def test_peft_run_trains_and_checkpoints_only_adapters_and_resumes(tmp_path: Path, mode: str) -> None:
+    import torch.distributed.checkpoint as dcp
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -202,10 +194,11 @@ def test_peft_run_trains_and_checkpoints_only_adapters_and_resumes(tmp_path: Pat
     summary = train(_peft_cfg(tmp_path, "parts", mode, "steps=8", "resume=true"), progress=False)
     assert summary["start_step"] == 4
     # The checkpoint holds the adapters only (and their optimizer state), nothing of the base.
-    ckpt = torch.load(tmp_path / "parts" / "checkpoints" / "step_00000004" / "rank_00000.pt", weights_only=False)
+    saved = dcp.FileSystemReader(str(tmp_path / "parts" / "checkpoints" / "step_00000004")).read_metadata()
+    shards = [k[len("shards/"):] for k in saved.state_dict_metadata if k.startswith("shards/")]
     base_names = {n for n, _ in tiny_llama().named_parameters()}
-    assert ckpt["shards"] and all("lora_" in k or k.startswith("prompt_encoder.") for k in ckpt["shards"])
-    assert not set(ckpt["shards"]) & base_names
+    assert shards and all("lora_" in k or k.startswith("prompt_encoder.") for k in shards)
+    assert not set(shards) & base_names
     # The final output is a peft adapter folder, the same after resuming as uninterrupted.
     final = {run: tmp_path / run / "final" for run in ("full", "parts")}
     assert (final["full"] / "adapter_config.json").is_file() and not (final["full"] / "model.safetensors").exists()

@@ -1,17 +1,19 @@
-"""Sharded checkpoints: each rank saves the shards it owns, its optimizer state and the data position.
+"""Full checkpoints through ``torch.distributed.checkpoint`` (DCP), loadable on any layout.
 
-Layout: ``<dir>/step_<N>/rank_<r>.pt``, then ``manifest.json`` (every rank file with its size and
-sha256, gathered by rank 0) and ``done``, written last by rank 0 after a barrier, so a checkpoint
-interrupted mid-write is never picked for resuming. :func:`intact_checkpoints` lists the complete
-checkpoints whose files are all there with their recorded sizes (a check before any model loads);
-:func:`verify_rank_file` checks one rank's file against its checksum (each rank its own, at load).
-A rank's file holds ``{"step", "world_size", "shards": {stable id: local tensor}, "optimizer":
-optimizer.state_dict()}``. Only trainable tensors are saved: frozen ones come back from the base
-model (with ``model.peft`` only the adapters are trainable, so a checkpoint holds nothing else).
-Resuming needs the same world size and layout. The step log in the optimizer state
-(``optimizer.state_dict()["zo"]["log"]``) makes the run replayable on any layout: an optimizer
-built on the base weights with the same param groups applies it with ``ZOOptimizer.replay``
-(bitwise with master weights; README, "Using the optimizer").
+Layout: ``<dir>/step_<N>/``: DCP's files (``*.distcp`` and ``.metadata``: every rank writes the
+chunks it owns at their global place, :mod:`zoscale.train.dcp_state`), then ``manifest.json``
+(every file with its size and sha256; the ranks hash the files between them, rank 0 writes it,
+with the step, the writing layout and the run's identity) and ``done``, written last by rank 0
+after a barrier, so a checkpoint interrupted mid-write is never picked for resuming.
+:func:`intact_checkpoints` lists the complete checkpoints whose files are all there with their
+recorded sizes (a check before any model loads); :func:`verify_files` checks this rank's share of
+the files against their checksums (collective use: ``zoscale.train.resume``).
+
+Only trainable tensors are saved: frozen ones come back from the base model (with ``model.peft``
+only the adapters are trainable, so a checkpoint holds nothing else). A checkpoint written by
+ZeRO-3 on 2 ranks loads on FSDP2 on 4, or on one process: each rank reads the region of each
+saved tensor that its own shard covers. The one exception is the hybrid's first-order
+torch-optimizer state, which is per rank: it loads on the same world size only.
 """
 
 from __future__ import annotations
@@ -19,18 +21,22 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 
 from zoscale.optim.base import ZOOptimizer
+from zoscale.train.dcp_state import ChunkLoadPlanner, ChunkSavePlanner, assemble, loading_state, saved_state
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "intact_checkpoints", "verify_rank_file",
-           "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "intact_checkpoints", "verify_files",
+           "CheckpointError", "LAYOUT_KEYS"]
 
 MANIFEST = "manifest.json"
+#: Identity keys a checkpoint may differ in from the run that loads it: it loads on any layout.
+LAYOUT_KEYS = ("engine", "world_size")
 
 
 class CheckpointError(ValueError):
@@ -42,33 +48,33 @@ def _barrier(world_size: int) -> None:
         dist.barrier()
 
 
-def _shards(optimizer: ZOOptimizer) -> dict[str, torch.Tensor]:
-    return {e.stable_id: e.view.local for e in optimizer.shard_entries()}
+def _no_dist(world_size: int) -> bool:
+    return world_size == 1 and not (dist.is_available() and dist.is_initialized())
 
 
 def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, world_size: int, keep: int,
                     identity: dict[str, Any] | None = None) -> Path:
-    """Write this rank's part of the checkpoint of ``step``; prune old ones (rank 0).
+    """Write the checkpoint of ``step`` (collective: every rank its chunks); prune old ones (rank 0).
 
-    ``identity`` (:func:`zoscale.train.run_folder.run_identity`) is recorded with it, so that a
-    checkpoint copied into another run's folder is still recognised.
+    ``identity`` (:func:`zoscale.train.run_folder.run_identity`) is recorded in the manifest, so
+    that a checkpoint copied into another run's folder is still recognised.
     """
     path = root / f"step_{step:08d}"
-    path.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "step": step,
-        "world_size": world_size,
-        "run": identity,
-        "shards": {k: v.detach().clone() for k, v in _shards(optimizer).items()},
-        "optimizer": optimizer.state_dict(),
-    }
-    tmp = path / f"rank_{rank:05d}.pt.tmp"
-    torch.save(payload, tmp)
-    final = path / f"rank_{rank:05d}.pt"
-    tmp.rename(final)
-    entries = _gather({"file": final.name, "bytes": final.stat().st_size, "sha256": _sha256(final)}, world_size)
+    if rank == 0 and path.exists():  # a save of this step cut short earlier: start it over
+        shutil.rmtree(path)
+    _barrier(world_size)
+    with warnings.catch_warnings():  # DCP warns that one process saves without a process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(saved_state(optimizer, rank), storage_writer=dcp.FileSystemWriter(str(path)),
+                 planner=ChunkSavePlanner(), no_dist=_no_dist(world_size))
+    _barrier(world_size)
+    files = sorted(p.name for p in path.iterdir())
+    mine = [{"file": f, "bytes": (path / f).stat().st_size, "sha256": _sha256(path / f)}
+            for i, f in enumerate(files) if i % world_size == rank]
+    entries = sorted((e for part in _gather(mine, world_size) for e in part), key=lambda e: e["file"])
     if rank == 0:
-        (path / MANIFEST).write_text(json.dumps({"step": step, "world_size": world_size, "files": entries}, indent=1))
+        manifest = {"step": step, "world_size": world_size, "run": identity, "files": entries}
+        (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (path / "done").write_text(str(step))
         done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
         for old in done[:-keep]:
@@ -85,7 +91,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _gather(entry: dict[str, Any], world_size: int) -> list[dict[str, Any]]:
+def _gather(entry: Any, world_size: int) -> list[Any]:
     if world_size == 1:
         return [entry]
     out: list[Any] = [None] * world_size
@@ -130,53 +136,45 @@ def intact_checkpoints(root: Path) -> tuple[list[Path], list[str]]:
     return intact, problems
 
 
-def verify_rank_file(path: Path, rank: int) -> str | None:
-    """Why this rank's file of the checkpoint is corrupt (its sha256 differs from the manifest), or None."""
+def verify_files(path: Path, rank: int, world_size: int) -> str | None:
+    """Why this rank's share of the checkpoint's files is corrupt (a sha256 differs from the
+    manifest's), or None. The ranks split the files between them: call on every rank."""
     files = json.loads((path / MANIFEST).read_text())["files"]
-    name = f"rank_{rank:05d}.pt"
-    entry = next((e for e in files if e["file"] == name), None)
-    if entry is None:
-        return f"{path / MANIFEST} lists no {name}"
-    if _sha256(path / name) != entry["sha256"]:
-        return f"{path / name} is corrupt (its sha256 differs from the manifest's)"
+    for entry in files[rank::world_size]:
+        if _sha256(path / entry["file"]) != entry["sha256"]:
+            return f"{path / entry['file']} is corrupt (its sha256 differs from the manifest's)"
     return None
 
 
 def load_checkpoint(path: Path, optimizer: ZOOptimizer, rank: int, world_size: int,
                     identity: dict[str, Any] | None = None) -> int:
-    """Restore this rank's shards and optimizer state; return the step to continue after.
+    """Restore the shards and optimizer state onto this rank's layout (collective); return the
+    step to continue after.
 
-    With ``identity``, a checkpoint that records another run's identity is refused.
+    With ``identity``, a checkpoint that records another run's identity (other than its layout)
+    is refused; so is one whose tensors do not fit the model, before any parameter is written.
     """
-    file = path / f"rank_{rank:05d}.pt"
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} has no file for rank {rank} ({file.name})")
-    payload: dict[str, Any] = torch.load(file, map_location="cpu", weights_only=False)
-    recorded = payload.get("run")
-    if identity is not None and recorded is not None and recorded != identity:
-        differs = sorted(k for k in identity if recorded.get(k) != identity.get(k))
-        raise ValueError(f"checkpoint {file} belongs to another run (it differs in {differs})")
-    if payload["world_size"] != world_size:
-        raise ValueError(
-            f"checkpoint {path} was written by {payload['world_size']} ranks, this run has {world_size}; "
-            "resume with the same world size"
-        )
-    local = _shards(optimizer)
-    missing = sorted(set(local) - set(payload["shards"]))
-    extra = sorted(set(payload["shards"]) - set(local))
-    if missing or extra:
-        raise ValueError(f"checkpoint {file} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
-    for name, tensor in local.items():
-        saved = payload["shards"][name]
-        if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
-            raise ValueError(f"checkpoint {file}: {name} is {tuple(saved.shape)} {saved.dtype}, "
-                             f"the model has {tuple(tensor.shape)} {tensor.dtype}")
-    with torch.no_grad():
-        for entry in optimizer.shard_entries():
-            entry.view.local.copy_(payload["shards"][entry.stable_id])
-            # Providers that mirror the local tensor elsewhere (a ZeRO-3 parameter kept whole by
-            # the persistence threshold, e.g. a small PEFT adapter) must see the write.
-            if entry.view.after_write is not None:
-                entry.view.after_write()
-    optimizer.load_state_dict(payload["optimizer"])
-    return int(payload["step"])
+    manifest = json.loads((path / MANIFEST).read_text())
+    recorded = manifest.get("run")
+    if identity is not None and recorded is not None:
+        differs = sorted(k for k in identity if k not in LAYOUT_KEYS and recorded.get(k) != identity.get(k))
+        if differs:
+            raise ValueError(f"checkpoint {path} belongs to another run (it differs in {differs})")
+    metadata = dcp.FileSystemReader(str(path)).read_metadata()
+    own = any(key.startswith("rank/") for key in metadata.state_dict_metadata)
+    if own and manifest["world_size"] != world_size:
+        raise ValueError(f"checkpoint {path} holds per-rank optimizer state (the hybrid's first-order part) of "
+                         f"{manifest['world_size']} ranks; this run has {world_size}: resume it on "
+                         f"{manifest['world_size']} ranks")
+    state = loading_state(optimizer, metadata, rank, str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(path)), planner=ChunkLoadPlanner(),
+                 no_dist=_no_dist(world_size))
+    for entry in optimizer.shard_entries():
+        # Providers that mirror the local tensor elsewhere (a ZeRO-3 parameter kept whole by
+        # the persistence threshold, e.g. a small PEFT adapter) must see the write.
+        if entry.view.after_write is not None:
+            entry.view.after_write()
+    optimizer.load_state_dict(assemble(optimizer, state, rank))
+    return int(manifest["step"])

@@ -3,9 +3,9 @@
 A fresh run starts ``steps.jsonl`` (``zoscale.train.step_log_file``) with a header: the run's
 identity and config, the optimizer and its options, the noise kind and a fingerprint of the base
 weights (``zoscale.train.fingerprint``). Every step appends its records. A resume loads the
-newest full checkpoint when its layout fits (``zoscale.train.run_folder``), then replays the
-logged steps after it (:meth:`~zoscale.optim.base.ZOOptimizer.replay`: bit for bit, on any engine
-and world size); without one, it replays the log from the base weights, after checking that
+newest intact full checkpoint (``zoscale.train.checkpoint``: on any engine and world size), then
+replays the logged steps after it (:meth:`~zoscale.optim.base.ZOOptimizer.replay`: bit for bit, on
+any engine and world size); without one, it replays the log from the base weights, after checking that
 they are the run's (the fingerprint) and that the noise kind is the log's. So a SIGKILL loses no
 completed step.
 
@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from zoscale.train.checkpoint import CheckpointError, load_checkpoint, verify_rank_file
+from zoscale.train.checkpoint import CheckpointError, load_checkpoint, verify_files
 from zoscale.train.fingerprint import fingerprints_match, weights_fingerprint
 from zoscale.train.run_folder import STEP_LOG, RunFolder
 from zoscale.train.step_log_file import StepLogError, StepLogWriter, read_step_log
@@ -59,7 +59,7 @@ def check_log_header(header: dict[str, Any], optimizer: Any, log: Any, from_base
 def _verified(folder: RunFolder, engine: Any) -> Any:
     """The newest checkpoint whose files every rank verified against the manifest (collective), or None."""
     for path in [folder.checkpoint, *folder.fallbacks]:
-        problem = verify_rank_file(path, engine.rank)
+        problem = verify_files(path, engine.rank, engine.world_size)
         bad = torch.tensor([1.0 if problem else 0.0], device=next(engine.module.parameters()).device)
         if engine.world_size > 1:
             bad = engine.all_reduce_sum(bad)

@@ -13,9 +13,10 @@ seed, a fingerprint of the training examples in order, and the world layout (eng
 * a fresh run in a folder that holds checkpoints (its own config's or another's): they would be
   mixed and pruned; ``--resume`` continues them, ``--overwrite`` starts over (and deletes them).
 
-It also picks what a resume starts from: the newest complete checkpoint if it was written by the
-same engine and world size (its shards fit), then the step log (``steps.jsonl``) replays every
-step after it; from another layout, the log alone replays the run from the base weights. On
+It also picks what a resume starts from: the newest complete checkpoint whose files match its
+manifest (on any engine and world size: ``zoscale.train.checkpoint``), then the step log
+(``steps.jsonl``) replays every step after it; without a checkpoint, the log alone replays the
+run from the base weights. On
 resume, ``metrics.jsonl`` loses the records after the resumed step, so that each step is written
 once.
 """
@@ -31,14 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from zoscale.data.tasks import Example
-from zoscale.train.checkpoint import intact_checkpoints, latest_checkpoint
+from zoscale.train.checkpoint import LAYOUT_KEYS, intact_checkpoints, latest_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.step_log_file import read_step_log
 
 __all__ = ["RunFolder", "prepare_run_folder", "run_identity", "STEP_LOG"]
 
-#: The identity's world layout: recorded, but a resume may change it (through the step log).
-LAYOUT = ("engine", "world_size")
 #: The step log in a run folder.
 STEP_LOG = "steps.jsonl"
 #: Settings that steer a run without changing its trajectory, left out of the config hash.
@@ -77,7 +76,7 @@ class RunFolder:
     step: int
     log: Path | None = None
     checkpoint_step: int = 0
-    #: Older intact checkpoints of this layout, newest first: where a resume falls back to when
+    #: Older intact checkpoints, newest first: where a resume falls back to when
     #: a file of ``checkpoint`` turns out corrupt at load.
     fallbacks: list[Path] = dataclasses.field(default_factory=list)
 
@@ -106,7 +105,7 @@ def prepare_run_folder(cfg: TrainConfig, identity: dict[str, Any]) -> RunFolder:
     recorded = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else None
     latest = latest_checkpoint(root)
     log = out / STEP_LOG if (out / STEP_LOG).is_file() else None
-    ignore = LAYOUT if cfg.resume else ()
+    ignore = LAYOUT_KEYS if cfg.resume else ()
     if recorded is not None and (latest is not None or log is not None or cfg.resume) and \
             _differences(recorded, identity, ignore):
         raise ValueError(f"{out} belongs to another run ({'; '.join(_differences(recorded, identity, ignore))}): use "
@@ -120,11 +119,10 @@ def prepare_run_folder(cfg: TrainConfig, identity: dict[str, Any]) -> RunFolder:
     if latest is None and log is None:
         raise FileNotFoundError(f"resume requested but {out} holds neither a step log ({STEP_LOG}) nor a complete "
                                 f"checkpoint under {root}")
-    same_layout = recorded is not None and not _differences(recorded, identity)
-    intact, problems = intact_checkpoints(root) if same_layout else ([], [])
+    intact, problems = intact_checkpoints(root)
     for problem in problems:  # a checkpoint cut short or damaged: the next older one, and the log, instead
         print(f"[zoscale] skipping a checkpoint: {problem}", file=sys.stderr, flush=True)
-    if same_layout and latest is not None and not intact and log is None:
+    if latest is not None and not intact and log is None:
         raise FileNotFoundError(f"resume requested but no checkpoint under {root} is intact ({'; '.join(problems)}) "
                                 "and there is no step log")
     checkpoint = intact[0] if intact else None
