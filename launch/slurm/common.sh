@@ -89,9 +89,52 @@ fi
 RESUMED_FROM=""
 if compgen -G "$OUTPUT_DIR/checkpoints/step_*/done" >/dev/null; then
   for done in "$OUTPUT_DIR"/checkpoints/step_*/done; do RESUMED_FROM=$(dirname "$done"); done  # newest last
+elif [ -s "$OUTPUT_DIR/steps.jsonl" ]; then  # killed before any checkpoint: the step log alone
+  RESUMED_FROM=$OUTPUT_DIR/steps.jsonl
+fi
+if [ -n "$RESUMED_FROM" ]; then
   case " ${ZO_ARGS[*]} " in *" --resume "*) ;; *) ZO_ARGS+=(--resume) ;; esac
 fi
 mkdir -p "$OUTPUT_DIR"
 
 zo_log "nodes $SLURM_JOB_NODELIST (head $HEAD_NODE = $MASTER_ADDR:$MASTER_PORT), $PROCS_PER_NODE rank(s) per node," \
        "OMP_NUM_THREADS=$OMP_NUM_THREADS, output $OUTPUT_DIR${RESUMED_FROM:+, resuming from $RESUMED_FROM}"
+
+# --- preemption: checkpoint before the time limit, then requeue ----------------------------------
+# The scripts ask SLURM for SIGUSR1 to this batch shell 120 s before the time limit
+# (--signal=B:USR1@120). Signalling the ranks directly would also hit the per-node launchers
+# (deepspeed, torchrun), which a SIGUSR1 kills; instead the shell creates the run folder's stop
+# file (zoscale.train.preemption.STOP_FILE) on the shared file system, every rank sees it after
+# its step, they write a checkpoint and exit 75, and the job requeues itself (same id, same
+# OUTPUT_DIR: it resumes there). SIGTERM (scancel, a preemption) still reaches every process.
+STOP_FILE=$OUTPUT_DIR/PREEMPT
+ZO_PREEMPTED=0
+zo_on_usr1() {
+  ZO_PREEMPTED=1
+  zo_log "SIGUSR1: the ranks stop after their current step with a checkpoint ($STOP_FILE)"
+  touch "$STOP_FILE"
+}
+
+zo_run() {  # zo_run CMD...: the job step, in the background so that the shell takes SIGUSR1 at once
+  local pid rc
+  rm -f "$STOP_FILE"
+  trap zo_on_usr1 USR1
+  "$@" &
+  pid=$!
+  while true; do
+    rc=0
+    wait "$pid" || rc=$?
+    if [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then continue; fi  # the trap ran: still going
+    break
+  done
+  if [ "$rc" -gt 128 ]; then  # interrupted as the step ended: its own status
+    rc=0
+    wait "$pid" 2>/dev/null || rc=$?
+  fi
+  trap - USR1
+  if [ "$ZO_PREEMPTED" = 1 ] && [ "$rc" != 0 ]; then
+    zo_log "stopped for the time limit (exit $rc): requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  return "$rc"
+}

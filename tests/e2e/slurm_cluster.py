@@ -219,8 +219,12 @@ class LocalSlurmCluster:
         """
         end = self._end_time(job_id)
         self._run(["scontrol", "requeue", str(job_id)])
-        if not now:
-            return
+        if now:
+            self.release(job_id, end)
+
+    def release(self, job_id: int, end: float) -> None:
+        """Shorten a requeued job's hold to 2 s after ``end``, its previous instance's end (see
+        :meth:`requeue`): also for a job that requeued itself."""
         start = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(max(time.time(), end) + 2))
         deadline = time.monotonic() + 30
         while True:  # the update is refused while the job is still completing

@@ -175,6 +175,42 @@ def test_torchrun_fsdp_job_follows_the_single_process_run_and_a_resubmission_res
     assert (out / "final" / "config.json").is_file()
 
 
+def test_the_time_limit_signal_checkpoints_and_the_job_requeues_itself(
+        cluster: LocalSlurmCluster, work: Path, reference: dict[int, float]) -> None:
+    """What ``--signal=B:USR1@120`` sends 120 s before the time limit, sent now: the ranks stop
+    after their step with a checkpoint, the job requeues itself and continues the trajectory."""
+    cfg = work / "signal_run.json"
+    cfg.write_text(json.dumps({"steps": 100000}))
+    out = work / "signalled"
+    args = ["--ds_config", str(work / "zero3.json"), *_common(work / "toy.jsonl"), "--config", str(cfg),
+            "--checkpoint_every", "0", "--output_dir", str(out)]
+    job = cluster.sbatch([str(SLURM / "deepspeed.sbatch"), *args], cwd=work, env=_env())
+    deadline = time.monotonic() + 300
+    while not (out / "metrics.jsonl").is_file() or len(_losses(out)) < 2:
+        assert time.monotonic() < deadline and cluster.job(job).get("JobState") in ("PENDING", "RUNNING"), \
+            _why(cluster, work, "zoscale-ds", job)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", str(job)], check=True, env=cluster.env, timeout=60)
+    while cluster.job(job).get("Restarts") != "1" or cluster.job(job).get("JobState") != "PENDING":
+        assert time.monotonic() < deadline, _why(cluster, work, "zoscale-ds", job)
+        time.sleep(0.3)
+    log = _log(work, "zoscale-ds", job)
+    stopped = sorted(p.parent.name for p in (out / "checkpoints").glob("step_*/done"))
+    assert len(stopped) == 1 and "SIGUSR1: the ranks stop" in log and "requeueing job" in log, log[-3000:]
+    at = int(stopped[0].split("_")[1])
+    assert f"preempted after step {at}" in log and sorted(_losses(out)) == list(range(1, at + 1)), log[-3000:]
+    cfg.write_text(json.dumps({"steps": at + 2}))  # the requeued instance: two more steps
+    cluster.release(job, time.time())  # its instance has ended (a pending job's EndTime is a forecast)
+    state, code = cluster.wait(job, timeout=300)
+    log = _log(work, "zoscale-ds", job)
+    assert (state, code) == ("COMPLETED", "0:0"), _why(cluster, work, "zoscale-ds", job)
+    assert f"resuming from {out}/checkpoints/step_{at:08d}" in log, log[-3000:]
+    got = _losses(out)
+    assert sorted(got) == list(range(1, at + 3))
+    for step in set(got) & set(reference):
+        assert got[step] == pytest.approx(reference[step], rel=1e-5), step
+
+
 def test_a_killed_rank_fails_the_job_with_its_name(cluster: LocalSlurmCluster, work: Path) -> None:
     args = ["--ds_config", str(work / "zero3.json"), *_common(work / "toy.jsonl"), "--steps", "100000",
             "--checkpoint_every", "0", "--output_dir", str(work / "killed")]

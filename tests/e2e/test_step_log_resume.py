@@ -101,11 +101,12 @@ def test_replay_writes_the_run_from_its_log_on_one_process_and_on_zero3(tmp_path
             assert torch.equal(got[name], p), (where, name)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, "stop file"])
 def test_a_preemption_signal_checkpoints_and_exits_75_and_the_resume_equals_the_run(tmp_path: Path, sig) -> None:
-    """What SLURM sends before a time limit or a preemption: the run finishes its step, writes a
-    full checkpoint, exits with 75; resumed, it equals the uninterrupted run bit for bit."""
-    from zoscale.train.preemption import EXIT_PREEMPTED
+    """What SLURM sends before a time limit or a preemption (or the PREEMPT file the SLURM scripts
+    create for it): the run finishes its step, writes a full checkpoint, exits with 75; resumed,
+    it equals the uninterrupted run bit for bit."""
+    from zoscale.train.preemption import EXIT_PREEMPTED, STOP_FILE
 
     steps = 30  # enough that the signal lands before the end, however fast the steps (6 did not on CI)
     _single(tmp_path, "full", NO_MASTER, "--steps", str(steps))
@@ -116,9 +117,13 @@ def test_a_preemption_signal_checkpoints_and_exits_75_and_the_resume_equals_the_
     deadline = time.time() + 300
     while _logged_steps(tmp_path / "stopped") < 2 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    proc.send_signal(sig)
+    if sig == "stop file":
+        (tmp_path / "stopped" / STOP_FILE).touch()
+    else:
+        proc.send_signal(sig)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert not (tmp_path / "stopped" / STOP_FILE).exists()  # consumed: the resumed run goes on
     stopped_at = _logged_steps(tmp_path / "stopped")
     assert 2 <= stopped_at < steps and f"preempted after step {stopped_at}" in err
     assert (tmp_path / "stopped" / "checkpoints" / f"step_{stopped_at:08d}" / "done").is_file()

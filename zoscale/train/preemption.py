@@ -8,6 +8,13 @@ writes a full checkpoint of that step and the run exits with :data:`EXIT_PREEMPT
 "resume me" (``--resume``: the checkpoint and the step log lose nothing). A second signal while the
 checkpoint is written is ignored (the write finishes).
 
+A file named :data:`STOP_FILE` (``PREEMPT``) appearing in the run folder is the same request,
+for schedulers and users that cannot signal the ranks themselves: the SLURM scripts have SLURM
+signal the batch shell (``--signal=B:USR1@120``), which creates the file on the shared file
+system, so that no launcher between it and the ranks (``deepspeed``, ``torchrun``, which a
+SIGUSR1 would kill) is in the way; by hand, ``touch runs/x/PREEMPT`` stops a run after its step
+with a checkpoint. The run deletes the file when it acts on it (and a stale one when it starts).
+
 Ctrl-C (SIGINT, which reaches every rank of the terminal's process group) is the same request; a
 second Ctrl-C interrupts at once (``KeyboardInterrupt``; the step log still holds every completed
 step). And a rank whose launcher went away (the ``deepspeed`` launcher returns at once on SIGTERM,
@@ -22,16 +29,19 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import torch
 
-__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionFlag"]
+__all__ = ["EXIT_PREEMPTED", "Preempted", "PreemptionFlag", "STOP_FILE"]
 
 #: Exit code of a preempted run (75: EX_TEMPFAIL, "try again", as a run whose peer died).
 EXIT_PREEMPTED = 75
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+#: The file in the run folder whose appearance asks the run to stop as SIGUSR1 does.
+STOP_FILE = "PREEMPT"
 #: Seconds between two looks at the parent process.
 PARENT_POLL_S = 0.5
 # Whether a launcher (deepspeed, torchrun, accelerate) started this process: read at import, before
@@ -50,8 +60,9 @@ class Preempted(SystemExit):
 class PreemptionFlag:
     """Installs the handlers (main thread only) and tells, collectively, whether to stop."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop_file: Path | None = None) -> None:
         self.signum = 0
+        self.stop_file = stop_file
         self._previous: dict[int, Any] = {}
         self._watching = threading.Event()
 
@@ -90,7 +101,10 @@ class PreemptionFlag:
             time.sleep(PARENT_POLL_S)
 
     def agreed(self, engine: Any) -> int:
-        """A signal some rank received (0: none); collective on a multi-rank engine."""
+        """A signal some rank received, or the stop file's SIGUSR1 (0: none); collective on a
+        multi-rank engine."""
+        if not self.signum and self.stop_file is not None and self.stop_file.exists():
+            self.request(int(signal.SIGUSR1), f"{self.stop_file} appeared")
         if engine.world_size == 1:
             return self.signum
         device = next(engine.module.parameters()).device

@@ -34,6 +34,7 @@ from typing import Any
 from zoscale.data.tasks import Example
 from zoscale.train.checkpoint import LAYOUT_KEYS, intact_checkpoints, latest_checkpoint
 from zoscale.train.config import TrainConfig
+from zoscale.train.preemption import STOP_FILE
 from zoscale.train.step_log_file import read_step_log
 
 __all__ = ["RunFolder", "prepare_run_folder", "run_identity", "STEP_LOG"]
@@ -144,6 +145,7 @@ def write_run_folder(folder: RunFolder) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / STEP_LOG).unlink(missing_ok=True)
+    (out / STOP_FILE).unlink(missing_ok=True)  # a stop request left over from an earlier run
     (out / "run.json").write_text(json.dumps(folder.identity, indent=2))
     metrics = out / "metrics.jsonl"
     if resumed and metrics.is_file():

@@ -32,7 +32,7 @@ from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters
 from zoscale.train.checkpoint import save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.evaluation import evaluate, rank_sync
-from zoscale.train.preemption import EXIT_PREEMPTED, Preempted, PreemptionFlag
+from zoscale.train.preemption import EXIT_PREEMPTED, STOP_FILE, Preempted, PreemptionFlag
 from zoscale.train.resume import open_step_log, resume
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 from zoscale.train.step_log_file import StepLogWriter
@@ -287,7 +287,7 @@ def train(cfg: TrainConfig, progress: bool = True, builder: EngineBuilder | None
 
         bar = tqdm(total=cfg.steps, initial=run.start, desc="zo-train", dynamic_ncols=True)
     score = before[headline]
-    preemption = PreemptionFlag().install()
+    preemption = PreemptionFlag(run.out / STOP_FILE).install()
     try:
         _train_steps(run, bar, headline, score, preemption)
     finally:
@@ -322,6 +322,7 @@ def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: Pr
             if not checkpointed:
                 run.record({"step": step, **_checkpoint(run, step)})
             if run.lead:
+                (run.out / STOP_FILE).unlink(missing_ok=True)  # acted on: a resumed run must not stop again
                 print(f"[zoscale] preempted after step {step}: checkpoint written; exit {EXIT_PREEMPTED} "
                       "(resume with --resume)", file=sys.stderr, flush=True)
             if run.log is not None:
