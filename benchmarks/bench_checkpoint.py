@@ -4,7 +4,7 @@ Measured, for each ``--world`` (1: one process; 2: FSDP2 on 2 gloo ranks, fresh 
 ``--steps`` MeZO steps of the real SmolLM2-135M (fp32, every weight trainable, a fixed global
 8 x 32 batch) writing ``steps.jsonl`` as the trainer does
 (``zoscale.train.step_log_file``); then a full checkpoint of the same run
-(``zoscale.train.checkpoint``: this rank's shards plus the optimizer state); then two resumes on
+(``zoscale.train.checkpoint``, DCP: each rank's shards plus the optimizer state); then two resumes on
 fresh base weights, by loading that checkpoint and by replaying the log, timed, each checked to
 give the run's weights bit for bit. Printed as JSON: log bytes (header, per step), checkpoint
 bytes and save seconds, the two resume times, and the extrapolation to a large run::
@@ -115,7 +115,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, tmp: Path) -> dict[
     replayed_ok = all(torch.equal(a, b) for a, b in zip(fresh.shards(), trained))
     del fresh
     gc.collect()
-    own = ckpt / f"rank_{rank:05d}.pt"
+    own = sum(f.stat().st_size for f in ckpt.glob(f"__{rank}_*.distcp"))  # this rank's DCP data files
     if rank == 0:
         log(f"world {world}: log {log_bytes} B; checkpoint {_bytes(ckpt)} B in {save_s:.1f} s; "
             f"load {load_s:.1f} s, replay {replay_s:.1f} s")
@@ -123,7 +123,7 @@ def measure(rank: int, world: int, args: argparse.Namespace, tmp: Path) -> dict[
         "world": world, "engine": "local" if world == 1 else "fsdp2", "steps": args.steps, "noise": args.noise,
         "log_bytes": log_bytes, "log_header_bytes": header_bytes if rank == 0 else None,
         "log_bytes_per_step": (log_bytes - header_bytes) / args.steps if rank == 0 else None,
-        "checkpoint_bytes_all_ranks": _bytes(ckpt), "checkpoint_bytes_this_rank": own.stat().st_size,
+        "checkpoint_bytes_all_ranks": _bytes(ckpt), "checkpoint_bytes_this_rank": own,
         "checkpoint_save_s": save_s, "resume_load_checkpoint_s": load_s, "resume_replay_s": replay_s,
         "replay_s_per_step": replay_s / args.steps, "train_s_per_step": train_s / args.steps,
         "weights_equal_after_load": loaded_ok, "weights_equal_after_replay": replayed_ok,
