@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint_every", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output_dir")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir: its newest checkpoint, then its step log")
     parser.add_argument("--overwrite", action="store_true",
                         help="start over in an output_dir that holds checkpoints (deletes them)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

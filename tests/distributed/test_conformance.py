@@ -231,8 +231,8 @@ def test_every_optimizer_follows_the_single_process_trajectory(engine: str, tmp_
         if rec.name == "hybrid":
             m = T.model()
             with pytest.raises(ValueError, match="per-rank optimizer state .* resume it on 2 ranks"):
-                load_checkpoint(latest_checkpoint(tmp_path / "hybrid_ckpt"), T.build(rec, m.named_parameters(), module=m),
-                                0, 1)
+                opt = T.build(rec, m.named_parameters(), module=m)
+                load_checkpoint(latest_checkpoint(tmp_path / "hybrid_ckpt"), opt, 0, 1)
         else:
             _continue_from("local", rec, tmp_path / f"{rec.name}_ckpt", T.data(), 0, 1)
         if "two_pass" in got:  # the two-pass step against the three-pass one-process run

@@ -47,7 +47,8 @@ def test_a_checkpoint_of_another_dtype_is_refused_naming_the_tensor(tmp_path: Pa
     m = T.model().to(torch.bfloat16)
     opt = T.build(T.record("zo_adam"), m.named_parameters(), module=m)
     first = next(n for n, _ in m.named_parameters())
-    with pytest.raises(ValueError, match=rf"{first} is \(\d+,\) torch.float32, the model has \d+ elements of torch.bfloat16"):
+    want = rf"{first} is \(\d+,\) torch.float32, the model has \d+ elements of torch.bfloat16"
+    with pytest.raises(ValueError, match=want):
         load_checkpoint(path, opt, 0, 1)
     _untouched(m)
 

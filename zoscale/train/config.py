@@ -129,12 +129,14 @@ class TrainConfig:
     save_final: bool = True
     """Save the final (consolidated) weights with ``save_pretrained`` into ``<output_dir>/final``."""
     checkpoint_every: int = 0
-    """Write a checkpoint (each rank's shards + optimizer state + data position) every N steps; 0: never."""
+    """Write a full checkpoint (DCP: every rank's shards + optimizer state) every N steps; 0: never
+    (the step log still makes every completed step a resume point)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
     resume: bool = False
-    """Continue from the newest checkpoint in ``<output_dir>/checkpoints`` (same world size and the
-    same run: config, seed, data and layout, recorded in ``<output_dir>/run.json``)."""
+    """Continue the run in ``<output_dir>``: its newest intact checkpoint, then the step log after
+    it (``steps.jsonl``), on any engine and world size; the same run (config, seed, data and
+    global batch, recorded in ``<output_dir>/run.json``)."""
     overwrite: bool = False
     """Start over in an ``output_dir`` that holds checkpoints (they are deleted); without it a fresh
     run there is refused."""
