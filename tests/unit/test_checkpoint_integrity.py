@@ -5,7 +5,10 @@ intact one plus the step log: the same run as uninterrupted, bit for bit."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,48 @@ def test_metrics_record_each_checkpoints_bytes_and_seconds(tmp_path: Path) -> No
     row = next(r for r in rows if "checkpoint_bytes" in r)
     size = sum(f.stat().st_size for f in (tmp_path / "run" / "checkpoints" / "step_00000002").iterdir())
     assert row["step"] == 2 and row["checkpoint_bytes"] == size and row["checkpoint_s"] > 0
+
+
+# Trains with a checkpoint every step and is SIGKILLed while the step-2 checkpoint is being written
+# (its data files written, DCP's .metadata, the manifest and `done` not yet).
+_KILLED_IN_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from torch.distributed.checkpoint.filesystem import FileSystemWriter
+from tests.unit.test_run_folder import _cfg
+from zoscale.train.trainer import train
+
+write = FileSystemWriter.write_data
+
+def write_then_die(self, plan, planner):
+    written = write(self, plan, planner)
+    if "step_00000002" in str(self.path):
+        written.wait()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return written
+
+FileSystemWriter.write_data = write_then_die
+train(_cfg(Path(sys.argv[1]), "steps=3", "checkpoint_every=1", "keep_checkpoints=3"), progress=False)
+"""
+
+
+def test_a_save_killed_midway_leaves_the_previous_checkpoint_the_one_resumed(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "ZOSCALE_NOISE_BACKEND": "eager", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", _KILLED_IN_SAVE, str(tmp_path)], env=env, cwd=root,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -9, done.stderr[-3000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    cut = checkpoints / "step_00000002"
+    assert list(cut.glob("*.distcp")) and not (cut / "done").exists()  # killed in the middle of it
+    summary = train(_cfg(tmp_path, "steps=4", "checkpoint_every=1", "keep_checkpoints=3", "resume=true",
+                         "save_final=true"), progress=False)
+    # The complete step-1 checkpoint, then step 2 from the log (logged before its checkpoint began).
+    assert summary["start_step"] == 2 and "step_00000001 + " in summary["resumed_from"], summary
+    assert not cut.exists()  # the cut-short save is deleted at the next checkpoint
+    (tmp_path / "ref").mkdir()
+    train(_cfg(tmp_path / "ref", "steps=4", "save_final=true"), progress=False)
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref" / "run")
+    want = _final(tmp_path / "ref" / "run")
+    for name, p in _final(tmp_path / "run").items():
+        assert torch.equal(p, want[name]), name

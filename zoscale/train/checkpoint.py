@@ -76,11 +76,18 @@ def save_checkpoint(root: Path, step: int, optimizer: ZOOptimizer, rank: int, wo
         manifest = {"step": step, "world_size": world_size, "run": identity, "files": entries}
         (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
         (path / "done").write_text(str(step))
-        done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
-        for old in done[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(root, path, keep)
     _barrier(world_size)
     return path
+
+
+def _prune(root: Path, newest: Path, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints; delete older ones and saves cut short before
+    ``newest`` (no ``done``: never resumed from)."""
+    done = sorted(p for p in root.glob("step_*") if (p / "done").exists())
+    cut_short = [p for p in root.glob("step_*") if not (p / "done").exists() and p.name < newest.name]
+    for old in [*done[:-keep], *cut_short]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _sha256(path: Path) -> str:
