@@ -3,6 +3,8 @@
 * A SIGKILL of the whole job at a random step loses no completed step: the resumed run's losses
   and final weights equal the uninterrupted run's, bit for bit (one process, no master weights,
   no full checkpoint at all: the log alone).
+* The same when one rank of a 2-rank ZeRO-3 run is SIGKILLed: the survivor names it and exits,
+  and the resumed run equals the uninterrupted one.
 * A log written by 2 DeepSpeed ZeRO-3 ranks resumes on one process: replayed there, the weights at
   the last logged step are the ZeRO-3 run's, bit for bit (the noise and every pass are
   elementwise in the global index), and the run continues.
@@ -52,6 +54,40 @@ def test_sigkill_loses_no_completed_step(tmp_path: Path) -> None:
     assert kill_after <= logged < steps, (kill_after, logged)
     assert not (tmp_path / "killed" / "checkpoints").exists()  # no full checkpoint: the log alone
     out = _run([*cmd, "--resume"])
+    assert f"replayed steps 1-{logged}" in out.stderr
+    assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
+    w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    for name, p in w1.items():
+        assert torch.equal(w2[name], p), name
+
+
+def test_sigkill_of_one_zero3_rank_loses_no_completed_step(tmp_path: Path) -> None:
+    """Rank 1 of a 2-rank ZeRO-3 run SIGKILLed at a random step: the survivor exits, and the run
+    resumed on the same layout replays every logged step and ends as the uninterrupted run."""
+    from tests.distributed.spawn import free_port
+    from tests.e2e.test_failure import _rank_pid
+    from tests.e2e.test_launch import VENV_BIN
+
+    steps = 30
+    ds = _ds_config(tmp_path, 3)
+    _deepspeed(tmp_path, "full", ds, "--steps", str(steps), "--eval_every", "0")
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()), TRAIN,
+           "--ds_config", str(ds), *_common(tmp_path, "killed"), "--steps", str(steps), "--eval_every", "0",
+           "--heartbeat_timeout", "10"]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=Path(TRAIN).parents[1], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    kill_after = random.Random(os.getpid()).randint(2, 10)
+    deadline = time.time() + 300
+    victim = _rank_pid(proc, 1, time.monotonic() + 300)
+    while _logged_steps(tmp_path / "killed") < kill_after and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(victim, signal.SIGKILL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "rank 1" in err, err[-3000:]
+    logged = _logged_steps(tmp_path / "killed")
+    assert kill_after <= logged < steps, (kill_after, logged)
+    port = str(free_port())
+    out = _run([*cmd[:4], port, *cmd[5:], "--resume"])
     assert f"replayed steps 1-{logged}" in out.stderr
     assert _losses(tmp_path / "killed") == _losses(tmp_path / "full")
     w1, w2 = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
