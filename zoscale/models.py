@@ -39,10 +39,12 @@ __all__ = [
     "TINY_WORDS",
     "load_causal_lm",
     "load_smollm2",
+    "load_tokenizer",
     "smollm2_cache_dir",
     "tiny_llama",
     "tiny_opt",
     "tiny_tokenizer",
+    "weights_folder",
 ]
 
 #: Whole words the tiny tokenizer keeps as single tokens, so the SST-2 label words of both
@@ -294,9 +296,41 @@ def load_smollm2(
     if not _is_converted(folder):
         _convert_smollm2(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    return model.eval(), _smollm2_tokenizer(folder)
+
+
+def _smollm2_tokenizer(folder: Path) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     tokenizer.pad_token = _SMOLLM2_PAD
-    return model.eval(), _prepare_tokenizer(tokenizer)
+    return _prepare_tokenizer(tokenizer)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _folder_tokenizer(folder: Path) -> PreTrainedTokenizerBase | None:
+    if not any((folder / f).is_file() for f in _TOKENIZER_FILES):
+        return None
+    return _prepare_tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+
+
+def weights_folder(name_or_path: str | os.PathLike[str]) -> Path | None:
+    """The local folder of safetensors files a model loads from (after :func:`prepare_model`), or
+    None (the tiny models are built in code; a hub name is not local)."""
+    name = str(name_or_path)
+    folder = smollm2_cache_dir() if name == "smollm2-135m" else Path(name).expanduser()
+    has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
+    return folder if name not in ("tiny-llama", "tiny-opt") and has_weights else None
+
+
+def load_tokenizer(name_or_path: str | os.PathLike[str]) -> PreTrainedTokenizerBase | None:
+    """The tokenizer :func:`load_causal_lm` gives with the model (None: a folder without one)."""
+    name = str(name_or_path)
+    if name == "smollm2-135m":
+        return _smollm2_tokenizer(smollm2_cache_dir())
+    if name in ("tiny-llama", "tiny-opt"):
+        return tiny_tokenizer()
+    return _folder_tokenizer(Path(name).expanduser())
 
 
 def prepare_model(name_or_path: str | os.PathLike[str]) -> None:
@@ -351,7 +385,4 @@ def load_causal_lm(
             raise ValueError(f"could not load model {name!r} from the hub (no network here?): {e}") from None
         return model.eval(), _prepare_tokenizer(tokenizer)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
-    if not any((folder / f).is_file() for f in tokenizer_files):
-        return model.eval(), None
-    return model.eval(), _prepare_tokenizer(AutoTokenizer.from_pretrained(folder, local_files_only=True))
+    return model.eval(), _folder_tokenizer(folder)

@@ -24,9 +24,9 @@ hold the same rows, so the offsets are the same on both, and they stay equal bec
 the same seeded update. A ZO step therefore needs no traffic across replica groups besides the
 loss pair, which is averaged over every data-parallel rank (each holds a different micro-batch).
 
-Future work: meta-device initialisation (build the model on ``torch.device("meta")``, shard, then
-load each rank's rows) for models that do not fit whole on one rank; here the model is loaded
-normally on every rank before :func:`apply_fsdp`, which is fine at the sizes tested.
+Meta-device initialisation: a model built on ``torch.device("meta")``
+(:func:`zoscale.engines.meta_init.meta_causal_lm`) is sharded as it is, then each rank allocates
+its shards and reads its rows from the safetensors files (:mod:`zoscale.engines.meta_init`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from zoscale.engines.meta_init import fill_from_safetensors, streams_from
 from zoscale.engines.saving import save_pretrained
 from zoscale.shards import LocalShards, ShardCapabilities, ShardView
 
@@ -237,7 +238,10 @@ class FSDPEngine:
     def __init__(self, model: torch.nn.Module, mesh: Any = None, hsdp: tuple[int, int] | None = None,
                  param_dtype: torch.dtype | None = None) -> None:
         self.mesh = mesh if mesh is not None else build_mesh(hsdp)
+        weights = streams_from(model)
         self.module: torch.nn.Module = apply_fsdp(model, self.mesh, param_dtype=param_dtype)
+        if weights is not None:  # built on the meta device: each rank reads its own rows
+            fill_from_safetensors(self.module, weights, torch.device(self.mesh.device_type))
         self.loss_group = _mesh_group(self.mesh)
         self.shards = FSDPShards(self.loss_group, module=self.module)
         self.rank = dist.get_rank()
@@ -265,7 +269,10 @@ class FSDPEngine:
 
 
 class FSDPBuilder:
-    """Builds an :class:`FSDPEngine`; the model is loaded normally on every rank first.
+    """Builds an :class:`FSDPEngine`. A model in a folder of safetensors files is built on the
+    meta device and each rank reads only its rows (``meta_init``,
+    :mod:`zoscale.engines.meta_init`); others (the tiny models, built in code; peft models) are
+    loaded whole on every rank first.
 
     Args:
         hsdp: ``(replicas, shard size)`` for HSDP, None for FSDP over the world.
@@ -280,8 +287,11 @@ class FSDPBuilder:
         self.hsdp = hsdp
         self.param_dtype = param_dtype
 
+    #: Build models that have safetensors files on the meta device (see the class docstring).
+    meta_init = True
+
     def loading(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing special: the whole model is built on each rank (meta-device init: future work)."""
+        """Nothing special: ``meta_init`` is the trainer's choice of loader."""
         return contextlib.nullcontext()
 
     def build(self, model: torch.nn.Module) -> FSDPEngine:

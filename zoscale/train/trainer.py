@@ -25,7 +25,8 @@ from zoscale.data.splits import TaskData, load_task_data
 from zoscale.data.tasks import Encoder, Example, Task, build_task
 from zoscale.engines.base import Engine, EngineBuilder
 from zoscale.engines.local import LocalBuilder
-from zoscale.models import load_causal_lm, prepare_model
+from zoscale.engines.meta_init import meta_causal_lm
+from zoscale.models import load_causal_lm, load_tokenizer, prepare_model, weights_folder
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
 from zoscale.peft import adapter_parameters, apply_peft, initialise_adapters
@@ -126,8 +127,13 @@ def load_model(cfg: TrainConfig, builder: EngineBuilder) -> tuple[torch.nn.Modul
     _prepare_once(cfg.model.name)
     # An engine that keeps its own precision (FSDP2: fp32 shards, bf16 compute) says how to load.
     dtype = getattr(builder, "load_dtype", None) or _DTYPES[cfg.model.dtype]
-    with builder.loading():
-        model, tokenizer = load_causal_lm(cfg.model.name, dtype=dtype)
+    folder = weights_folder(cfg.model.name)
+    if getattr(builder, "meta_init", False) and folder is not None and cfg.model.peft is None:
+        # Built on the meta device; the engine reads each rank's rows from the files.
+        model, tokenizer = meta_causal_lm(folder, dtype), load_tokenizer(cfg.model.name)
+    else:
+        with builder.loading():
+            model, tokenizer = load_causal_lm(cfg.model.name, dtype=dtype)
     if tokenizer is None:
         raise ValueError(f"model {cfg.model.name!r} has no tokenizer files; a prompt task needs one")
     model.eval()  # deterministic forwards: both SPSA evaluations must see the same function

@@ -1,0 +1,119 @@
+"""FSDP2 from the meta device: each rank reads only its own rows of each weight from safetensors.
+
+Loading the whole model on every rank before ``fully_shard`` costs each rank the whole model in
+host memory (OPT-66B in bf16: ~130 GB, times the ranks of a node). Instead the model is built on
+the meta device (:func:`meta_causal_lm`), ``fully_shard`` is applied to it (no memory), the shards
+are allocated (``to_empty``) and :func:`fill_from_safetensors` copies into each one its rows of the
+weight, read with safetensors' slice API one tensor at a time: a rank's host peak is about its
+shard plus one tensor's rows, not the model. Tied weights stay tied (``fully_shard`` keeps one
+parameter for both names; the file holds it once). Buffers are not in the file when they are
+non-persistent (the rotary embeddings' ``inv_freq``): their module is built again from the model's
+config on the device and its buffers copied; a persistent buffer is read whole from the file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+import torch
+
+__all__ = ["meta_causal_lm", "fill_from_safetensors", "weight_files", "streams_from"]
+
+
+def weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (``model.safetensors`` or a sharded index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return {name: folder / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise FileNotFoundError(f"{folder} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def streams_from(model: torch.nn.Module) -> Path | None:
+    """The folder a meta-built model's weights stream from (None: not built on the meta device)."""
+    if not any(p.is_meta for p in model.parameters()):
+        return None
+    return Path(getattr(model, "_zoscale_weights", ""))
+
+
+def meta_causal_lm(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of the Hugging Face folder ``folder`` on the meta device, in ``dtype``, in eval
+    mode; :func:`fill_from_safetensors` later reads its weights from ``folder``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model._zoscale_weights = str(folder)
+    return model.eval()
+
+
+def _rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """This rank's local tensor of ``param`` and the global rows ``[first, last)`` it holds."""
+    from zoscale.engines.fsdp import FSDPShards
+
+    view = FSDPShards().view(param)
+    shape = view.global_shape
+    row = view.numel // shape[0] if len(shape) else 1
+    first = view.offset // row if row else 0
+    local = view.local.view(-1, *shape[1:]) if len(shape) else view.local
+    return local, first, first + (local.shape[0] if len(shape) else 1)
+
+
+def _fill_parameters(module: torch.nn.Module, folder: Path) -> None:
+    from safetensors import safe_open
+
+    files = weight_files(folder)
+    for name, param in module.named_parameters():
+        if name not in files:
+            raise KeyError(f"{folder}: no tensor {name!r} in its safetensors files (a model of another config?)")
+        local, first, last = _rows(param)
+        with safe_open(str(files[name]), framework="pt") as f:
+            piece = f.get_slice(name)
+            shape = tuple(piece.get_shape())
+            if shape != tuple(param.shape):
+                raise ValueError(f"{files[name]}: {name} is {shape}, the model's parameter is {tuple(param.shape)}")
+            rows = piece[first:last] if len(shape) else piece[:]
+        with torch.no_grad():
+            local.copy_(rows.to(local.dtype))
+
+
+def _fill_buffers(module: torch.nn.Module, folder: Path, device: torch.device) -> None:
+    from safetensors import safe_open
+
+    files = weight_files(folder)
+    for owner_name, owner in module.named_modules():
+        names = list(owner._buffers)
+        if not names:
+            continue
+        fresh = None
+        for b in names:
+            full = f"{owner_name}.{b}" if owner_name else b
+            if full in files:
+                with safe_open(str(files[full]), framework="pt") as f:
+                    owner._buffers[b] = f.get_tensor(full).to(device)
+                continue
+            if fresh is None:
+                config = getattr(owner, "config", None)
+                if config is None:
+                    raise ValueError(f"buffer {full!r} is neither in {folder} nor rebuildable (its module "
+                                     f"{type(owner).__name__} has no config)")
+                fresh = type(owner)(config)
+            owner._buffers[b] = fresh._buffers[b].to(device)
+
+
+def fill_from_safetensors(module: torch.nn.Module, folder: Path, device: torch.device) -> None:
+    """Allocate the shards of a ``fully_shard``-ed meta model on ``device`` and fill them (and the
+    buffers) from the safetensors files in ``folder``, reading only this rank's rows.
+
+    Raises:
+        KeyError / ValueError: a parameter missing from the files or of another shape (named).
+    """
+    module.to_empty(device=device)
+    _fill_parameters(module, folder)
+    _fill_buffers(module, folder, device)
