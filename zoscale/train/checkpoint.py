@@ -13,7 +13,9 @@ Only trainable tensors are saved: frozen ones come back from the base model (wit
 only the adapters are trainable, so a checkpoint holds nothing else). A checkpoint written by
 ZeRO-3 on 2 ranks loads on FSDP2 on 4, or on one process: each rank reads the region of each
 saved tensor that its own shard covers. The one exception is the hybrid's first-order
-torch-optimizer state, which is per rank: it loads on the same world size only.
+torch-optimizer state, which is per rank: it loads on the same world size only. The optimizer
+state holds the step log (``optimizer.state_dict()["zo"]["log"]``) too: a resume loads the newest
+checkpoint and replays the logged steps after it (``ZOOptimizer.replay``, ``zoscale.train.resume``).
 """
 
 from __future__ import annotations
