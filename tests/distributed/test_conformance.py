@@ -8,7 +8,7 @@ resumed (bitwise equal to the uninterrupted run on that engine). The step log cr
 bit for bit both ways (issue 12): the engine's log replayed on one process gives the engine's
 weights, and the one-process log replayed on the engine gives the one-process weights. Full
 checkpoints cross layouts too (DCP): each engine's loads on one process, one process's loads on
-each engine, ZeRO-3's loads on FSDP2, and the run continues exactly as after replaying the
+each engine, ZeRO-3's loads on FSDP2 and FSDP2's on ZeRO-3, and the run continues exactly as after replaying the
 checkpoint's step log there. An optimizer that cannot run on
 an engine must refuse to be built there with a ``ValueError`` naming the engine.
 """
@@ -84,7 +84,8 @@ class _Run:
 
 
 #: Optimizers whose full checkpoints are also loaded on other layouts in the spawned ranks (the
-#: issue's three: plain, low-rank row factors, per-element moments); every one loads on one process.
+#: issue's three: plain, low-rank row factors, per-element moments); every one's engine checkpoint
+#: loads on one process.
 CROSS = ("mezo", "lozo_m", "zo_adam")
 
 
@@ -151,8 +152,14 @@ def _worker(rank: int, world: int, engine: str, out: str) -> None:
         results[rec.name] = {"losses": losses, "params": params, "shards": shards, "log": list(log)}
         if rec.name in CROSS:  # full checkpoints across layouts: one process -> here, and ZeRO-3 -> FSDP2
             _continue_from(engine, rec, Path(out) / "one_process_ckpt" / rec.name, ids, rank, world)
-            if engine == "zero3":
+            if engine == "zero3":  # and ZeRO-3's on FSDP2, FSDP2's on ZeRO-3
                 _continue_from("fsdp", rec, ckpt, ids, rank, world)
+                r = _Run("fsdp", rec)
+                for _ in range(2):
+                    r.step(ids)
+                save_checkpoint(Path(out) / f"{rec.name}_fsdp_ckpt", 2, r.opt, rank, world, keep=1)
+                del r
+                _continue_from("zero3", rec, Path(out) / f"{rec.name}_fsdp_ckpt", ids, rank, world)
         if rec.name != "hybrid":  # the step log of one process, replayed on this engine: its weights, bitwise
             _, ref_params, ref_opt = T.run_local(rec)
             r = _Run(engine, rec)
