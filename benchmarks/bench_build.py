@@ -5,8 +5,10 @@ For each ``--world`` (fresh gloo processes) and each way of building:
 * ``fsdp_whole``: every rank loads the whole model (``from_pretrained``), then ``fully_shard``;
 * ``fsdp_meta``: built on the meta device, ``fully_shard``, each rank reads its rows from the
   safetensors file (``zoscale.engines.meta_init``), what the trainer does for such a model;
-* ``zero3``: DeepSpeed ZeRO-3 through ``HfDeepSpeedConfig`` (``zero.Init`` partitions while
-  ``from_pretrained`` loads), what ``DeepSpeedBuilder`` does;
+* ``zero3_whole``: DeepSpeed ZeRO-3 through ``HfDeepSpeedConfig`` (``zero.Init`` partitions
+  while ``from_pretrained`` loads the state dict on every rank);
+* ``zero3_files``: built from the config under ``zero.Init``, each rank filling its partitions
+  from the file (``partitioned_causal_lm``), what the trainer does for such a model;
 
 it records the rank's build peak (``VmHWM`` growth from just before loading to the built engine,
 after the high-water mark was reset), what stays resident, and the rank's shard bytes. JSON on
@@ -34,7 +36,7 @@ from _harness import free_port, progress, spawn_records  # noqa: E402
 from bench_memory import proc_status_mib, shard_mib, trim_and_reset_hwm  # noqa: E402
 
 MODEL = "smollm2-135m"
-WAYS = ("fsdp_whole", "fsdp_meta", "zero3")
+WAYS = ("fsdp_whole", "fsdp_meta", "zero3_whole", "zero3_files")
 log = progress("bench_build")
 
 
@@ -54,6 +56,8 @@ def _build(way: str) -> Any:
 
     builder = DeepSpeedBuilder({"train_micro_batch_size_per_gpu": 1, "steps_per_print": 10**9,
                                 "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}})
+    if way == "zero3_files":
+        return builder.build(builder.model_from_files(weights_folder(MODEL), torch.float32))
     with builder.loading():
         model = load_causal_lm(MODEL)[0]
     return builder.build(model)
@@ -63,7 +67,7 @@ def _worker(rank: int, world: int, port: int, way: str) -> dict[str, Any]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     torch.set_num_threads(1)
-    if way == "zero3":
+    if way.startswith("zero3"):
         import deepspeed
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False

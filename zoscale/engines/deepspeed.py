@@ -276,6 +276,20 @@ class DeepSpeedBuilder:
         self._hf_ds_config = HfDeepSpeedConfig(cfg)
         return contextlib.nullcontext()
 
+    #: Under ZeRO-3, build models that have safetensors files partitioned and fill each rank's
+    #: partitions from the files (``zoscale.engines.meta_init.partitioned_causal_lm``).
+    stream_weights = True
+
+    def model_from_files(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module | None:
+        """Under ZeRO-3 the model of ``folder``, partitioned, each rank's part read from the files;
+        below stage 3 None (loaded whole, as replicas need)."""
+        if int((self.ds_config.get("zero_optimization") or {}).get("stage", 0)) < 3:
+            return None
+        from zoscale.engines.meta_init import partitioned_causal_lm
+
+        with self.loading():
+            return partitioned_causal_lm(folder, dtype)
+
     def build(self, model: torch.nn.Module) -> DeepSpeedEngine:
         return DeepSpeedEngine(model, self.ds_config)
 

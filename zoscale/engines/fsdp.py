@@ -39,7 +39,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from zoscale.engines.meta_init import fill_from_safetensors, streams_from
+from zoscale.engines.meta_init import fill_from_safetensors, meta_causal_lm, streams_from
 from zoscale.engines.saving import save_pretrained
 from zoscale.shards import LocalShards, ShardCapabilities, ShardView
 
@@ -270,7 +270,7 @@ class FSDPEngine:
 
 class FSDPBuilder:
     """Builds an :class:`FSDPEngine`. A model in a folder of safetensors files is built on the
-    meta device and each rank reads only its rows (``meta_init``,
+    meta device and each rank reads only its rows (``stream_weights``,
     :mod:`zoscale.engines.meta_init`); others (the tiny models, built in code; peft models) are
     loaded whole on every rank first.
 
@@ -288,11 +288,15 @@ class FSDPBuilder:
         self.param_dtype = param_dtype
 
     #: Build models that have safetensors files on the meta device (see the class docstring).
-    meta_init = True
+    stream_weights = True
 
     def loading(self) -> contextlib.AbstractContextManager[None]:
-        """Nothing special: ``meta_init`` is the trainer's choice of loader."""
+        """Nothing special: the whole model is loaded on each rank (see :meth:`model_from_files`)."""
         return contextlib.nullcontext()
+
+    def model_from_files(self, folder: Path, dtype: torch.dtype) -> torch.nn.Module | None:
+        """The model of ``folder`` on the meta device; :meth:`build` reads each rank's rows."""
+        return meta_causal_lm(folder, dtype)
 
     def build(self, model: torch.nn.Module) -> FSDPEngine:
         return FSDPEngine(model, hsdp=self.hsdp, param_dtype=self.param_dtype)

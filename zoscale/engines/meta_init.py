@@ -1,4 +1,6 @@
-"""FSDP2 from the meta device: each rank reads only its own rows of each weight from safetensors.
+"""Building a model without loading it whole: each rank reads only its part of each weight.
+
+FSDP2 from the meta device, and DeepSpeed ZeRO-3 from its partitions.
 
 Loading the whole model on every rank before ``fully_shard`` costs each rank the whole model in
 host memory (OPT-66B in bf16: ~130 GB, times the ranks of a node). Instead the model is built on
@@ -9,15 +11,23 @@ shard plus one tensor's rows, not the model. Tied weights stay tied (``fully_sha
 parameter for both names; the file holds it once). Buffers are not in the file when they are
 non-persistent (the rotary embeddings' ``inv_freq``): their module is built again from the model's
 config on the device and its buffers copied; a persistent buffer is read whole from the file.
+
+Under ZeRO-3 (:func:`partitioned_causal_lm`) the model is built from its config inside
+``zero.Init`` (transformers does so while a ``HfDeepSpeedConfig`` is alive), which partitions each
+parameter as it is created, then :func:`fill_zero3_partitions` copies into each partition its flat
+range of the weight, read as the rows that cover it. ``from_pretrained`` instead has every rank
+load the state dict and gather each parameter to copy it in.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 import torch
 
-__all__ = ["meta_causal_lm", "fill_from_safetensors", "weight_files", "streams_from"]
+__all__ = ["meta_causal_lm", "fill_from_safetensors", "weight_files", "streams_from", "partitioned_causal_lm",
+           "fill_zero3_partitions"]
 
 
 def weight_files(folder: Path) -> dict[str, Path]:
@@ -117,3 +127,57 @@ def fill_from_safetensors(module: torch.nn.Module, folder: Path, device: torch.d
     module.to_empty(device=device)
     _fill_parameters(module, folder)
     _fill_buffers(module, folder, device)
+
+
+def partitioned_causal_lm(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The model of ``folder`` built partitioned by ZeRO-3 and filled from its safetensors files.
+
+    Call while a ``transformers.integrations.HfDeepSpeedConfig`` of a stage-3 config is alive
+    (``DeepSpeedBuilder.loading()``); the construction's random init is overwritten.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    with torch.random.fork_rng(devices=[]):  # the throwaway random init uses the global RNG
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    fill_zero3_partitions(model, folder)
+    return model.eval()
+
+
+def _flat_range(piece: Any, shape: tuple[int, ...], offset: int, length: int) -> torch.Tensor:
+    """Flat elements ``[offset, offset + length)`` of a safetensors slice, reading only the rows
+    that cover them."""
+    if len(shape) <= 1:
+        return piece[offset:offset + length] if shape else piece[:]
+    from zoscale.optim.lowrank import row_range
+
+    cols = int(torch.Size(shape[1:]).numel())
+    first, last = row_range(offset, length, cols)
+    rows = piece[first:last].reshape(-1)
+    return rows[offset - first * cols:offset - first * cols + length]
+
+
+def fill_zero3_partitions(model: torch.nn.Module, folder: Path) -> None:
+    """Copy into every ZeRO-3 partition of ``model`` its range of the weight in ``folder``.
+
+    Raises:
+        KeyError / ValueError: a parameter missing from the files or of another shape (named).
+    """
+    from safetensors import safe_open
+
+    from zoscale.engines.deepspeed import _partition
+
+    files = weight_files(folder)
+    for name, param in model.named_parameters():
+        if name not in files:
+            raise KeyError(f"{folder}: no tensor {name!r} in its safetensors files (a model of another config?)")
+        rank, ps, valid = _partition(param)
+        with safe_open(str(files[name]), framework="pt") as f:
+            piece = f.get_slice(name)
+            shape = tuple(piece.get_shape())
+            if shape != tuple(param.ds_shape):
+                raise ValueError(f"{files[name]}: {name} is {shape}, the model's parameter is {tuple(param.ds_shape)}")
+            part = _flat_range(piece, shape, rank * ps, valid) if valid else None
+        if part is not None:
+            with torch.no_grad():
+                param.ds_tensor.data[:valid].copy_(part.to(param.ds_tensor.dtype))

@@ -25,7 +25,6 @@ from zoscale.data.splits import TaskData, load_task_data
 from zoscale.data.tasks import Encoder, Example, Task, build_task
 from zoscale.engines.base import Engine, EngineBuilder
 from zoscale.engines.local import LocalBuilder
-from zoscale.engines.meta_init import meta_causal_lm
 from zoscale.models import load_causal_lm, load_tokenizer, prepare_model, weights_folder
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
@@ -127,10 +126,9 @@ def load_model(cfg: TrainConfig, builder: EngineBuilder) -> tuple[torch.nn.Modul
     _prepare_once(cfg.model.name)
     # An engine that keeps its own precision (FSDP2: fp32 shards, bf16 compute) says how to load.
     dtype = getattr(builder, "load_dtype", None) or _DTYPES[cfg.model.dtype]
-    folder = weights_folder(cfg.model.name)
-    if getattr(builder, "meta_init", False) and folder is not None and cfg.model.peft is None:
-        # Built on the meta device; the engine reads each rank's rows from the files.
-        model, tokenizer = meta_causal_lm(folder, dtype), load_tokenizer(cfg.model.name)
+    model = _model_from_files(cfg, builder, dtype)
+    if model is not None:
+        tokenizer = load_tokenizer(cfg.model.name)
     else:
         with builder.loading():
             model, tokenizer = load_causal_lm(cfg.model.name, dtype=dtype)
@@ -142,6 +140,17 @@ def load_model(cfg: TrainConfig, builder: EngineBuilder) -> tuple[torch.nn.Modul
         raise ValueError(f"data.max_length {cfg.data.max_length} exceeds the context of model {cfg.model.name!r} "
                          f"({context} positions); prompts are truncated from the left to data.max_length")
     return model, tokenizer
+
+
+def _model_from_files(cfg: TrainConfig, builder: EngineBuilder, dtype: torch.dtype) -> torch.nn.Module | None:
+    """The model built by the engine from its safetensors files, each rank reading only its part
+    (FSDP2 from meta, ZeRO-3 from its partitions); None where the engine or model does not
+    allow it (the tiny models are built in code; peft adapters need the whole-model path)."""
+    folder = weights_folder(cfg.model.name)
+    loader = getattr(builder, "model_from_files", None)
+    if folder is None or loader is None or not getattr(builder, "stream_weights", False) or cfg.model.peft is not None:
+        return None
+    return loader(folder, dtype)
 
 
 def _audit(task: Task, examples: list[Example], encoder: Encoder, chunk: int = 64) -> int:
