@@ -103,11 +103,14 @@ def _assert_same(whole: dict, meta: dict, model: str) -> None:
 
 
 def _train_worker(rank: int, world: int, folder: str, out: str) -> None:
-    """The trainer on FSDP2 with a model folder: built from meta (its default), then whole."""
+    """The trainer with a model folder on FSDP2 and ZeRO-3: built from the files (the default),
+    then loaded whole; the builds that stream call their fill function once, the others never."""
     import json
 
     import zoscale.engines.fsdp as fsdp
+    import zoscale.engines.meta_init as meta_init
     from zoscale.engines import FSDPBuilder
+    from zoscale.engines.deepspeed import DeepSpeedBuilder
     from zoscale.train.config import load_config
     from zoscale.train.trainer import train
 
@@ -115,20 +118,23 @@ def _train_worker(rank: int, world: int, folder: str, out: str) -> None:
     if rank == 0:
         data.write_text("".join(json.dumps({"sentence": f"a film {i}", "label": i % 2}) + "\n" for i in range(24)))
     torch.distributed.barrier()
-    fills = []
-    fill = fsdp.fill_from_safetensors
-    fsdp.fill_from_safetensors = lambda *a: fills.append(1) or fill(*a)
-    for meta in (True, False):
-        builder = FSDPBuilder()
-        builder.stream_weights = meta
-        cfg = load_config(None, [f"model.name={folder}", f"data.path={data}", "data.n_train=16", "data.n_eval=8",
-                                 'data.label_words=[" bad", " good"]', "batch_size=4", "eval_every=0", "steps=2",
-                                 f"output_dir={out}/{'meta' if meta else 'whole'}", "save_final=false"])
-        train(cfg, progress=False, builder=builder)
-        assert len(fills) == 1, (meta, fills)  # the meta build read the files, the whole one did not
+    fills: list[str] = []
+    fill_rows, fill_parts = fsdp.fill_from_safetensors, meta_init.fill_zero3_partitions
+    fsdp.fill_from_safetensors = lambda *a: fills.append("fsdp") or fill_rows(*a)
+    meta_init.fill_zero3_partitions = lambda *a: fills.append("zero3") or fill_parts(*a)
+    ds = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 3}, "steps_per_print": 10**9}
+    for engine, make in (("fsdp", FSDPBuilder), ("zero3", lambda: DeepSpeedBuilder(ds))):
+        for stream in (True, False):
+            builder = make()
+            builder.stream_weights = stream
+            cfg = load_config(None, [f"model.name={folder}", f"data.path={data}", "data.n_train=16", "data.n_eval=8",
+                                     'data.label_words=[" bad", " good"]', "batch_size=2", "eval_every=0", "steps=2",
+                                     f"output_dir={out}/{engine}_{'files' if stream else 'whole'}", "save_final=false"])
+            train(cfg, progress=False, builder=builder)
+            assert fills.count(engine) == 1, (engine, stream, fills)
 
 
-def test_the_trainer_builds_a_folder_model_from_meta_on_fsdp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_trainer_builds_a_folder_model_from_its_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
     from zoscale.models import tiny_tokenizer
@@ -138,6 +144,9 @@ def test_the_trainer_builds_a_folder_model_from_meta_on_fsdp(tmp_path: Path, mon
     tiny_llama().save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     run(_train_worker, 2, str(folder), str(tmp_path))
-    rows = {way: [json.loads(line) for line in (tmp_path / way / "metrics.jsonl").open()] for way in ("meta", "whole")}
-    losses = {way: [r["loss"] for r in rs if "loss" in r] for way, rs in rows.items()}
-    assert len(losses["meta"]) == 2 and losses["meta"] == losses["whole"]
+    for engine in ("fsdp", "zero3"):
+        losses = {}
+        for way in ("files", "whole"):
+            rows = [json.loads(line) for line in (tmp_path / f"{engine}_{way}" / "metrics.jsonl").open()]
+            losses[way] = [r["loss"] for r in rows if "loss" in r]
+        assert len(losses["files"]) == 2 and losses["files"] == losses["whole"], engine
