@@ -25,7 +25,8 @@ from zoscale.optim import build_optimizer  # noqa: E402
 pytestmark = pytest.mark.distributed
 
 
-def _state(engine: FSDPEngine, ids: torch.Tensor) -> dict:
+def _state(engine: object, ids: torch.Tensor) -> dict:
+    """Logits, two MeZO steps, the tie, the whole weights and the buffers of an engine's model."""
     m = engine.module
     opt = build_optimizer("mezo", m.named_parameters(), {"lr": 1e-3, "eps": 1e-3, "seed": 3}, shards=engine.shards,
                           module=m)
@@ -33,25 +34,17 @@ def _state(engine: FSDPEngine, ids: torch.Tensor) -> dict:
         logits = m(input_ids=ids).logits.clone()
     losses = [opt.step(lambda: m(input_ids=ids, labels=ids).loss) for _ in range(2)]
     return {"logits": logits, "losses": losses, "tied": m.lm_head.weight is m.model.embed_tokens.weight,
-            "params": {n: p.full_tensor().clone() for n, p in m.named_parameters()},
-            "buffers": {n: b.clone() for n, b in m.named_buffers()}}
+            "params": _whole(m), "buffers": {n: b.clone() for n, b in m.named_buffers()}}
 
 
-def _zero3_state(builder: object, model: torch.nn.Module, ids: torch.Tensor) -> dict:
+def _whole(m: torch.nn.Module) -> dict[str, torch.Tensor]:
+    named = list(m.named_parameters())
+    if not hasattr(named[0][1], "ds_shape"):  # FSDP2 DTensors
+        return {n: p.full_tensor().clone() for n, p in named}
     import deepspeed
 
-    engine = builder.build(model)
-    m = engine.module
-    opt = build_optimizer("mezo", m.named_parameters(), {"lr": 1e-3, "eps": 1e-3, "seed": 3}, shards=engine.shards,
-                          module=m)
-    with torch.no_grad():
-        logits = m(input_ids=ids).logits.clone()
-    losses = [opt.step(lambda: m(input_ids=ids, labels=ids).loss) for _ in range(2)]
-    named = list(m.named_parameters())
     with deepspeed.zero.GatheredParameters([p for _, p in named]):
-        params = {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
-    return {"logits": logits, "losses": losses, "tied": m.lm_head.weight is m.model.embed_tokens.weight,
-            "params": params, "buffers": {n: b.clone() for n, b in m.named_buffers()}}
+        return {n: p.detach().clone().reshape(p.ds_shape) for n, p in named}
 
 
 def _worker(rank: int, world: int, name: str, out: str) -> None:
@@ -69,9 +62,9 @@ def _worker(rank: int, world: int, name: str, out: str) -> None:
     builder = DeepSpeedBuilder(ds)
     with builder.loading():
         whole = load_causal_lm(name)[0]
-    got["zero3_whole"] = _zero3_state(builder, whole, ids)
+    got["zero3_whole"] = _state(builder.build(whole), ids)
     builder = DeepSpeedBuilder(ds)
-    got["zero3_files"] = _zero3_state(builder, builder.model_from_files(weights_folder(name), torch.float32), ids)
+    got["zero3_files"] = _state(builder.build(builder.model_from_files(weights_folder(name), torch.float32)), ids)
     torch.save(got, f"{out}/rank{rank}.pt")
 
 

@@ -75,20 +75,26 @@ def _rows(param: torch.Tensor) -> tuple[torch.Tensor, int, int]:
     return local, first, first + (local.shape[0] if len(shape) else 1)
 
 
-def _fill_parameters(module: torch.nn.Module, folder: Path) -> None:
+def _read(files: dict[str, Path], folder: Path, name: str, shape: tuple[int, ...], part: Any) -> torch.Tensor:
+    """``part(slice, shape)`` of tensor ``name`` in the files, after checking that it is there with
+    the model's ``shape``."""
     from safetensors import safe_open
 
+    if name not in files:
+        raise KeyError(f"{folder}: no tensor {name!r} in its safetensors files (a model of another config?)")
+    with safe_open(str(files[name]), framework="pt") as f:
+        piece = f.get_slice(name)
+        saved = tuple(piece.get_shape())
+        if saved != tuple(shape):
+            raise ValueError(f"{files[name]}: {name} is {saved}, the model's parameter is {tuple(shape)}")
+        return part(piece, saved)
+
+
+def _fill_parameters(module: torch.nn.Module, folder: Path) -> None:
     files = weight_files(folder)
     for name, param in module.named_parameters():
-        if name not in files:
-            raise KeyError(f"{folder}: no tensor {name!r} in its safetensors files (a model of another config?)")
         local, first, last = _rows(param)
-        with safe_open(str(files[name]), framework="pt") as f:
-            piece = f.get_slice(name)
-            shape = tuple(piece.get_shape())
-            if shape != tuple(param.shape):
-                raise ValueError(f"{files[name]}: {name} is {shape}, the model's parameter is {tuple(param.shape)}")
-            rows = piece[first:last] if len(shape) else piece[:]
+        rows = _read(files, folder, name, param.shape, lambda piece, shape: piece[first:last] if shape else piece[:])
         with torch.no_grad():
             local.copy_(rows.to(local.dtype))
 
@@ -163,21 +169,13 @@ def fill_zero3_partitions(model: torch.nn.Module, folder: Path) -> None:
     Raises:
         KeyError / ValueError: a parameter missing from the files or of another shape (named).
     """
-    from safetensors import safe_open
-
     from zoscale.engines.deepspeed import _partition
 
     files = weight_files(folder)
     for name, param in model.named_parameters():
-        if name not in files:
-            raise KeyError(f"{folder}: no tensor {name!r} in its safetensors files (a model of another config?)")
         rank, ps, valid = _partition(param)
-        with safe_open(str(files[name]), framework="pt") as f:
-            piece = f.get_slice(name)
-            shape = tuple(piece.get_shape())
-            if shape != tuple(param.ds_shape):
-                raise ValueError(f"{files[name]}: {name} is {shape}, the model's parameter is {tuple(param.ds_shape)}")
-            part = _flat_range(piece, shape, rank * ps, valid) if valid else None
-        if part is not None:
+        part = _read(files, folder, name, param.ds_shape,
+                     lambda piece, shape: _flat_range(piece, shape, rank * ps, valid))
+        if valid:
             with torch.no_grad():
                 param.ds_tensor.data[:valid].copy_(part.to(param.ds_tensor.dtype))
