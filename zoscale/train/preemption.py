@@ -105,11 +105,15 @@ class PreemptionFlag:
         multi-rank engine."""
         if not self.signum and self.stop_file is not None and self.stop_file.exists():
             self.request(int(signal.SIGUSR1), f"{self.stop_file} appeared")
+        # Read once: a handler or the launcher watch may set it during the collective, and a rank
+        # that looked again afterwards would stop a step before the others (which then wait in
+        # the next step's collectives forever).
+        mine = self.signum
         if engine.world_size == 1:
-            return self.signum
+            return mine
         device = next(engine.module.parameters()).device
-        flag = engine.all_reduce_sum(torch.tensor([float(self.signum)], device=device))
-        return self.signum or (int(signal.SIGTERM) if flag.item() > 0 else 0)
+        flag = engine.all_reduce_sum(torch.tensor([float(mine)], device=device))
+        return mine or (int(signal.SIGTERM) if flag.item() > 0 else 0)
 
 
 def _parent_of(pid: int) -> int | None:
