@@ -29,8 +29,9 @@ from zoscale.train.launch import run_cli  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    # `kill -USR1 <pid>` prints every thread's Python stack to stderr: where a hung rank waits.
-    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    # `kill -USR2 <pid>` prints every thread's Python stack to stderr: where a hung rank waits.
+    # (SIGUSR1 is SLURM's time-limit warning: a preemption request, zoscale.train.preemption.)
+    faulthandler.register(signal.SIGUSR2, all_threads=True)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="JSON run configuration (fields: zoscale/train/config.py)")
     parser.add_argument("--ds_config", "--deepspeed_config", dest="ds_config", help="DeepSpeed JSON (engine: deepspeed)")
