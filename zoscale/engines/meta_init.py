@@ -90,8 +90,7 @@ def _read(files: dict[str, Path], folder: Path, name: str, shape: tuple[int, ...
         return part(piece, saved)
 
 
-def _fill_parameters(module: torch.nn.Module, folder: Path) -> None:
-    files = weight_files(folder)
+def _fill_parameters(module: torch.nn.Module, folder: Path, files: dict[str, Path]) -> None:
     for name, param in module.named_parameters():
         local, first, last = _rows(param)
         rows = _read(files, folder, name, param.shape, lambda piece, shape: piece[first:last] if shape else piece[:])
@@ -99,10 +98,9 @@ def _fill_parameters(module: torch.nn.Module, folder: Path) -> None:
             local.copy_(rows.to(local.dtype))
 
 
-def _fill_buffers(module: torch.nn.Module, folder: Path, device: torch.device) -> None:
+def _fill_buffers(module: torch.nn.Module, folder: Path, files: dict[str, Path], device: torch.device) -> None:
     from safetensors import safe_open
 
-    files = weight_files(folder)
     for owner_name, owner in module.named_modules():
         names = list(owner._buffers)
         if not names:
@@ -131,8 +129,9 @@ def fill_from_safetensors(module: torch.nn.Module, folder: Path, device: torch.d
         KeyError / ValueError: a parameter missing from the files or of another shape (named).
     """
     module.to_empty(device=device)
-    _fill_parameters(module, folder)
-    _fill_buffers(module, folder, device)
+    files = weight_files(folder)  # the index (or the file's header) read once
+    _fill_parameters(module, folder, files)
+    _fill_buffers(module, folder, files, device)
 
 
 def partitioned_causal_lm(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
