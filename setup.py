@@ -20,5 +20,6 @@ setup(
         "tqdm",
         "numpy",
     ],
+    entry_points={"console_scripts": ["zoscale = zoscale.plan_cli:console"]},  # zoscale plan
     extras_require={"test": ["pytest>=8", "scipy>=1.10"]},
 )

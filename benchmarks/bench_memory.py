@@ -97,6 +97,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from _harness import free_port, progress, spawn_records  # noqa: E402
 
+from tests.distributed.tensor_peak import tensor_peak_bytes  # noqa: E402
+
 MODES: tuple[str, ...] = ("forward_only", "zo_step", "zo_step_master", "adamw_step")
 ENGINES: tuple[str, ...] = ("deepspeed", "fsdp")
 SHAPES: dict[str, dict[str, Any]] = {
@@ -137,20 +139,8 @@ def trim_and_reset_hwm() -> bool:
 
 
 def alloc_peak_mib(fn: Callable[[], Any]) -> float:
-    """Peak of live torch CPU tensor bytes allocated during ``fn()`` (torch.profiler memory events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Raw kineto records: every allocation/free (prof.events() folds those made inside ops
-    # into the ops' inclusive totals).
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    live = peak = 0
-    for _, nbytes in events:
-        live += nbytes
-        peak = max(peak, live)
-    return peak / MIB
+    """Peak of live torch CPU tensor bytes allocated during ``fn()``, in MiB (the tests' probe)."""
+    return tensor_peak_bytes(fn) / MIB
 
 
 # ---------------------------------------------------------------------- model and configs
