@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 __all__ = ["ENGINES", "OPTIMIZERS", "PEFT_TYPES", "STATE_BYTES", "ModelShape", "PlanConfig", "Plan",
-           "model_shape", "plan", "largest_fitting", "format_plan"]
+           "model_shape", "plan", "format_plan"]
 
 ENGINES = ("zero3", "fsdp", "hsdp", "replicas")
 PEFT_TYPES = ("none", "lora", "prefix", "prompt")
@@ -68,8 +68,13 @@ class ModelShape:
     layers: int = 0
 
     @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Every parameter's shape, the root's first."""
+        return [*self.root, *(s for b in self.blocks for s in b)]
+
+    @property
     def params(self) -> int:
-        return sum(math.prod(s) for s in self.root) + sum(math.prod(s) for b in self.blocks for s in b)
+        return sum(math.prod(s) for s in self.shapes)
 
 
 def model_shape(config: Any, name: str = "") -> ModelShape:
@@ -170,11 +175,10 @@ def _zero3_shard(shape: tuple[int, ...], world: int, threshold: int) -> int:
 
 
 def _shard_elements(m: ModelShape, cfg: PlanConfig) -> int:
-    shapes = [*m.root, *(s for b in m.blocks for s in b)]
     w = cfg.shard_world
     if cfg.engine == "zero3":
-        return sum(_zero3_shard(s, w, cfg.persistence_threshold) for s in shapes)
-    return sum(_fsdp_shard(s, w) for s in shapes)
+        return sum(_zero3_shard(s, w, cfg.persistence_threshold) for s in m.shapes)
+    return sum(_fsdp_shard(s, w) for s in m.shapes)
 
 
 def _adapter_shapes(m: ModelShape, cfg: PlanConfig) -> list[tuple[int, ...]]:
@@ -254,7 +258,7 @@ def _zero3_stages(m: ModelShape, cfg: PlanConfig, act_block: int, act_head: int)
                 "head": {"gathered": whole, "comm_buffers": 0, "activations": act_head}}
     # DeepSpeed fetches leaf modules (each Linear), so the current fetch is at most the largest
     # parameter; its flat buffer is alive while it copies out.
-    largest = max(math.prod(s) for s in (*m.root, *(s for blk in m.blocks for s in blk))) * b
+    largest = max(math.prod(s) for s in m.shapes) * b
     bucket = min(cfg.prefetch_bucket, cfg.max_live) * b
     live = min(numel * b, largest + 2 * bucket)
     return {"fetch": {"gathered": live, "comm_buffers": largest, "activations": 0},
@@ -278,8 +282,7 @@ def _trainable_shard(m: ModelShape, cfg: PlanConfig) -> tuple[int, int, list[tup
     if adapters:  # small: replicated (FSDP2 shards them with their block; counted whole: an upper bound)
         return sum(math.prod(s) for s in adapters), sum(math.prod(s) for s in adapters), adapters
     w = cfg.shard_world
-    shapes = [*m.root, *(s for b in m.blocks for s in b)]
-    local = [((-(-s[0] // w)),) + s[1:] for s in shapes]
+    local = [((-(-s[0] // w)),) + s[1:] for s in m.shapes]
     return m.params, _shard_elements(m, cfg), local
 
 
@@ -321,12 +324,6 @@ def plan(m: ModelShape, cfg: PlanConfig) -> Plan:
     parts = {"weight_shard": shard + adapters, "master": master, "optimizer_state": state, **sts[top]}
     return Plan(model=m.name, config=cfg, params=m.params, trainable=trainable, parts=parts, peak_stage=top,
                 stages=totals, traffic=traffic(m, cfg))
-
-
-def largest_fitting(shapes: list[ModelShape], cfg: PlanConfig, gpu_bytes: float) -> Plan | None:
-    """The plan of the largest model of ``shapes`` whose per-rank peak fits ``gpu_bytes``."""
-    fits = [p for p in (plan(m, cfg) for m in shapes) if p.peak <= gpu_bytes]
-    return max(fits, key=lambda p: p.params, default=None)
 
 
 def format_plan(p: Plan) -> str:
