@@ -19,6 +19,10 @@ setup(
         "gguf>=0.10",  # loads the bundled SmolLM2 GGUF weights
         "tqdm",
         "numpy",
+        # Plots of a run's metrics.jsonl (launch/plot.py) and TensorBoard event files
+        # (report_to=tensorboard, through torch.utils.tensorboard): kept libraries, not our own.
+        "matplotlib>=3.7",
+        "tensorboard>=2.14",
     ],
     entry_points={"console_scripts": ["zoscale = zoscale.plan_cli:console"]},  # zoscale plan
     extras_require={"test": ["pytest>=8", "scipy>=1.10"]},
