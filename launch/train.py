@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint_every", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--output_dir")
+    parser.add_argument("--report_to", help="jsonl (default; metrics.jsonl is always written), none, or "
+                        "tensorboard: also event files in <output_dir>/tensorboard/")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in output_dir: its newest checkpoint, then its step log")
     parser.add_argument("--overwrite", action="store_true",

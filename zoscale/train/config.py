@@ -140,6 +140,14 @@ class TrainConfig:
     overwrite: bool = False
     """Start over in an ``output_dir`` that holds checkpoints (they are deleted); without it a fresh
     run there is refused."""
+    report_to: str = "jsonl"
+    """Where metrics records go besides ``<output_dir>/metrics.jsonl``, which is always written (rank
+    0; every record stamped with ``time``, unix seconds, and ``elapsed_s``, seconds since the run
+    started, continued on resume): ``jsonl`` or ``none``, nowhere else; ``tensorboard``, also
+    TensorBoard event files in ``<output_dir>/tensorboard/`` (``train/loss``, ``train/lr``,
+    ``train/step_s``, ``eval/accuracy``, ... at global step = step; needs the ``tensorboard``
+    package). ``--report_to tensorboard``; ``tensorboard --logdir runs`` to watch. Plots of any
+    run: ``launch/plot.py runs/<x>``."""
 
 
 _POSITIVE_INTS = ("steps", "batch_size", "gradient_accumulation_steps", "eval_batch_size", "data.n_train",
@@ -201,6 +209,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     from zoscale.data.tasks import build_task
 
     build_task(cfg.data)  # the task name, its family options, label words and custom template
+    from zoscale.train.reporting import check_report_to
+
+    check_report_to(cfg.report_to)
     if not isinstance(cfg.optimizer.params, dict):
         raise ValueError("config key 'optimizer.params' must be an object")
     return cfg

@@ -41,7 +41,8 @@ HEARTBEAT_TIMEOUT_S = 60.0
 """Default silence after which a rank counts as dead: far above a busy machine's scheduling hiccups."""
 
 _FLAG_KEYS = {"model": "model.name", "data": "data.path", "steps": "steps", "eval_every": "eval_every",
-              "checkpoint_every": "checkpoint_every", "seed": "seed", "output_dir": "output_dir"}
+              "checkpoint_every": "checkpoint_every", "seed": "seed", "output_dir": "output_dir",
+              "report_to": "report_to"}
 # Settings a DeepSpeed JSON owns; setting them elsewhere too would silently have no effect.
 _DS_OWNED = ("optimizer", "batch_size", "gradient_accumulation_steps", "model.dtype")
 

@@ -43,7 +43,7 @@ __all__ = ["RunFolder", "prepare_run_folder", "run_identity", "STEP_LOG"]
 STEP_LOG = "steps.jsonl"
 #: Settings that steer a run without changing its trajectory, left out of the config hash.
 STEERING = ("steps", "resume", "overwrite", "output_dir", "eval_every", "eval_batch_size", "checkpoint_every",
-            "keep_checkpoints", "save_final")
+            "keep_checkpoints", "save_final", "report_to")
 
 
 def _digest(value: Any) -> str:
@@ -145,6 +145,7 @@ def write_run_folder(folder: RunFolder) -> None:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / STEP_LOG).unlink(missing_ok=True)
+        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # the event files of the run started over
     (out / STOP_FILE).unlink(missing_ok=True)  # a stop request left over from an earlier run
     (out / "run.json").write_text(json.dumps(folder.identity, indent=2))
     metrics = out / "metrics.jsonl"

@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -33,6 +33,7 @@ from zoscale.train.checkpoint import save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.evaluation import evaluate, rank_sync
 from zoscale.train.preemption import EXIT_PREEMPTED, STOP_FILE, Preempted, PreemptionFlag
+from zoscale.train.reporting import Reporter
 from zoscale.train.resume import open_step_log, resume
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 from zoscale.train.step_log_file import StepLogWriter
@@ -95,7 +96,7 @@ class Run:
     tokenizer: Any
     out: Path
     start: int
-    metrics: IO[str] | None
+    reporter: Reporter | None
     stream: Iterator[list[Example]]
     train_truncated: int
     resumed_from: str | None = None
@@ -107,9 +108,9 @@ class Run:
         return self.engine.rank == 0
 
     def record(self, entry: dict[str, Any]) -> None:
-        if self.metrics is not None:
-            self.metrics.write(json.dumps(entry) + "\n")
-            self.metrics.flush()
+        """Rank 0: the record, stamped with ``time`` and ``elapsed_s``, to metrics.jsonl (and TensorBoard)."""
+        if self.reporter is not None:
+            self.reporter.record(entry)
 
 
 def _prepare_once(name: str) -> None:
@@ -181,6 +182,7 @@ def _world_size() -> int:
 
 def build(cfg: TrainConfig, builder: EngineBuilder | None = None) -> Run:
     """Data and the run folder (checked before any model loads), model, engine, optimizer, resume."""
+    started = time.time()  # metrics' elapsed_s counts from here: loading is part of the run's time
     task = build_task(cfg.data)
     data = load_task_data(task, cfg.data, cfg.seed)
     builder = builder or LocalBuilder()
@@ -192,17 +194,17 @@ def build(cfg: TrainConfig, builder: EngineBuilder | None = None) -> Run:
     out = Path(cfg.output_dir)
     start, resumed = resume(folder, optimizer, engine)
     folder.step = start
-    metrics = None
+    reporter = None
     if engine.rank == 0:
         write_run_folder(folder)
         if resumed is not None:
             print(f"[zoscale] resuming from {resumed} (step {start})", file=sys.stderr, flush=True)
         (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-        metrics = (out / "metrics.jsonl").open("a")
+        reporter = Reporter(out, cfg.report_to, start, started)
     log = open_step_log(folder, optimizer, cfg, start, engine.rank)
     per_step = cfg.batch_size * cfg.gradient_accumulation_steps * engine.world_size
     stream = batches(data.train, per_step, cfg.seed, start_step=start)
-    return Run(cfg, task, data, engine, optimizer, encoder, tokenizer, out, start, metrics, stream, train_truncated,
+    return Run(cfg, task, data, engine, optimizer, encoder, tokenizer, out, start, reporter, stream, train_truncated,
                resumed, folder.identity, log)
 
 
@@ -252,8 +254,8 @@ def finish(run: Run, before: dict[str, Any], t_start: float) -> dict[str, Any]:
     after, rows = evaluate_run(run, run.data.eval, predictions=cfg.data.predictions)
     dev = evaluate_run(run, run.data.dev, prefix="dev")[0] if run.data.dev else {}
     run.record({"step": cfg.steps, **after, **dev})
-    if run.metrics is not None:
-        run.metrics.close()
+    if run.reporter is not None:
+        run.reporter.close()
     if run.log is not None:
         run.log.close()
     if rows is not None and run.lead:
@@ -342,6 +344,8 @@ def _train_steps(run: Run, bar: Any, headline: str, score: float, preemption: Pr
                       "(resume with --resume)", file=sys.stderr, flush=True)
             if run.log is not None:
                 run.log.close()
+            if run.reporter is not None:
+                run.reporter.close()
             raise Preempted(step, signum)
 
 
