@@ -13,9 +13,10 @@ non-persistent (the rotary embeddings' ``inv_freq``): their module is built agai
 config on the device and its buffers copied; a persistent buffer is read whole from the file.
 
 Under ZeRO-3 (:func:`partitioned_causal_lm`) the model is built from its config inside
-``zero.Init`` (transformers does so while a ``HfDeepSpeedConfig`` is alive), which partitions each
-parameter as it is created, then :func:`fill_zero3_partitions` copies into each partition its flat
-range of the weight, read as the rows that cover it. ``from_pretrained`` instead has every rank
+``zero.Init``, which partitions each parameter as it is created, without any weight init (not
+even transformers' ZeRO-3 re-initialisation, which gathers weights whole), then
+:func:`fill_zero3_partitions` copies into each partition its flat range of the weight, read as
+the rows that cover it. ``from_pretrained`` instead has every rank
 load the state dict and gather each parameter to copy it in.
 """
 
@@ -138,15 +139,54 @@ def partitioned_causal_lm(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
     """The model of ``folder`` built partitioned by ZeRO-3 and filled from its safetensors files.
 
     Call while a ``transformers.integrations.HfDeepSpeedConfig`` of a stage-3 config is alive
-    (``DeepSpeedBuilder.loading()``); the construction's random init is overwritten.
+    (``DeepSpeedBuilder.loading()``). The model is constructed as transformers' ``from_config``
+    does under ZeRO-3 (``no_init_weights``, ``zero.Init``) but without its
+    ``initialize_weights_zero3``, which gathers each module's parameters whole, runs their random
+    init on rank 0 and re-partitions them (for SmolLM2 the 113 MB embedding and the untied
+    ``lm_head`` at once, on every rank, ~250 MiB above the shard): here every weight comes from the
+    files. See :func:`_zero3_construct`.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    with torch.random.fork_rng(devices=[]):  # the throwaway random init uses the global RNG
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = _zero3_construct(config, dtype)
     fill_zero3_partitions(model, folder)
     return model.eval()
+
+
+def _zero3_construct(config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_config(config)`` partitioned by ``zero.Init``, weights left
+    uninitialised (their values are whatever ``torch.empty`` gave, to be overwritten).
+
+    Each parameter is still created whole (``torch.empty``, never written by an init) and
+    broadcast from rank 0 by ``zero.Init`` before it is partitioned: one whole tensor at a time.
+    The tied ``lm_head`` is created and partitioned like any weight, then replaced by the
+    embedding in ``tie_weights``; its old partition is only reachable through reference cycles
+    (DeepSpeed's per-parameter closures), so it is collected here rather than at some later
+    ``gc`` run.
+    """
+    import gc
+
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import deepspeed_config, prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    if deepspeed_config() is None:
+        raise RuntimeError("partitioned_causal_lm needs a live HfDeepSpeedConfig of a ZeRO-3 config "
+                           "(DeepSpeedBuilder.loading())")
+    # The contexts transformers' from_config enters under ZeRO-3 (modeling_utils._from_config),
+    # in its order; set_zero3_state makes from_config itself enter none of them and skip
+    # initialize_weights_zero3.
+    # fork_rng: no init draws from the global RNG now, but a model whose __init__ does must not
+    # shift the run's random stream.
+    with torch.random.fork_rng(devices=[]), no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=deepspeed_config()), set_zero3_state():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_weights (a no-op under no_init_weights) would have tied them
+    gc.collect()
+    return model
 
 
 def _flat_range(piece: Any, shape: tuple[int, ...], offset: int, length: int) -> torch.Tensor:
