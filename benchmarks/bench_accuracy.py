@@ -1,0 +1,294 @@
+"""Every optimizer on real data, side by side: held-out accuracy against time and forward passes.
+
+SmolLM2-135M (the bundled real model, fp32, one process) on two real tasks: ``sst2`` (the Rotten
+Tomatoes sentences with MeZO's SST-2 prompt) and ``tweets`` (3-class tweet sentiment). For each
+task: zero-shot, then MeZO, LeZO, Sparse MeZO, LOZO, ZO-Adam, ZO-SGD-Sign and block-wise ZO, and
+first-order AdamW by backprop on the same (local) engine as the reference. Every run has the
+same data, micro-batch, prompt and evaluation; its optimizer options are the shipped
+``ds_configs/zero3_<name>.json``'s except the learning rate:
+
+* **sweep** (first task, seed 0): three learning rates per optimizer; the one with the best dev
+  accuracy (dev cut from the training side) is chosen, and that run's test accuracy is reported;
+* **final**: the chosen lr on the second task, and a second seed for MeZO, LeZO and Sparse MeZO
+  on both tasks.
+
+A run's budget is counted in forward passes: ``2 x steps`` (MeZO's two per step), so block-wise
+ZO (2 per block per step) takes fewer steps; AdamW takes ``steps`` steps of one forward and one
+backward. Dev and test accuracy are measured at five points of the budget (0, 1/4, .., all); recorded per run: the
+curve against training seconds (evaluation excluded) and forwards, step time, the peak RSS
+growth of training over the loaded model (``VmHWM``), the losses.
+
+Resumable run by run: each finished run is ``<out>/runs/<task>/<name>.json``; a benchmark started
+again skips those. The summary (``<out>/summary.json``, ``<out>/table.md``) and the plots
+(``<out>/*.png``, the headline copied to ``--figure``) are made from whatever runs exist::
+
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py            # ~1.5-2 h here
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py --quick    # <= 10 min
+
+``--quick``: the first task only, seed 0, each optimizer at its shipped lr, 20 MeZO-steps of
+budget, smaller dev/test sets. JSON (the summary) on stdout, progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import ROOT, progress  # noqa: E402
+from accuracy_report import write_report  # noqa: E402
+from bench_memory import proc_status_mib, trim_and_reset_hwm  # noqa: E402
+
+log = progress("bench_accuracy")
+
+TASKS = ("sst2", "tweets")
+# name -> (shipped JSON whose optimizer section is used, the sweep's three learning rates).
+OPTIMIZERS: dict[str, tuple[str | None, tuple[float, float, float]]] = {
+    "mezo": ("zero3_mezo.json", (1.25e-5, 5e-5, 2e-4)),
+    "lezo": ("zero3_lezo.json", (1.25e-5, 5e-5, 2e-4)),
+    "sparse_mezo": ("zero3_sparse_mezo.json", (5e-5, 2e-4, 8e-4)),
+    "lozo": ("zero3_lozo.json", (1.25e-5, 5e-5, 2e-4)),
+    "zo_adam": ("zero3_zo_adam.json", (3e-4, 1e-3, 3e-3)),
+    "zo_sgd_sign": ("zero3_zo_sgd_sign.json", (1.5e-4, 5e-4, 1.5e-3)),
+    "blockwise": ("zero3_blockwise.json", (1.25e-5, 5e-5, 2e-4)),
+    "adamw": (None, (1e-5, 3e-5, 1e-4)),
+}
+SEEDED = ("mezo", "lezo", "sparse_mezo")  # run with a second seed
+EVAL_POINTS = 4  # evaluations after step 0
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One fine-tune of the benchmark."""
+
+    task: str
+    optimizer: str
+    lr: float
+    seed: int
+    stage: str  # "sweep" or "final"
+
+    @property
+    def name(self) -> str:
+        return f"{self.optimizer}_lr{self.lr:g}_seed{self.seed}"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What every run shares."""
+
+    model: str
+    steps: int  # MeZO-equivalent steps: the forward budget is 2 x steps
+    batch_size: int
+    n_train: int
+    n_dev: int
+    n_eval: int
+    max_length: int
+
+
+def optimizer_section(name: str, lr: float) -> dict[str, Any]:
+    """The shipped JSON's optimizer type and options with ``lr`` (AdamW: an unused MeZO)."""
+    shipped = OPTIMIZERS[name][0]
+    if shipped is None:
+        return {"type": "MeZO", "params": {"lr": 0.0, "eps": 1e-3}}
+    section = json.loads((ROOT / "ds_configs" / shipped).read_text())["optimizer"]
+    return {"type": section["type"], "params": {**section["params"], "lr": lr}}
+
+
+def train_config(spec: RunSpec, budget: Budget, work: Path) -> Any:
+    from zoscale.train.config import load_config
+
+    data = {"task": spec.task, "n_train": budget.n_train, "n_dev": budget.n_dev, "n_eval": budget.n_eval,
+            "max_length": budget.max_length}
+    values = {"model": {"name": budget.model}, "data": data, "optimizer": optimizer_section(spec.optimizer, spec.lr),
+              "steps": 10**6, "batch_size": budget.batch_size, "eval_every": 0, "seed": spec.seed,
+              "output_dir": str(work), "save_final": False, "overwrite": True}
+    path = work.with_suffix(".config.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(values))
+    return load_config(path)
+
+
+class ForwardCounter:
+    """Counts calls of the model's forward (a pre-hook on the top module)."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_pre_hook(self._count)
+
+    def _count(self, *_: Any) -> None:
+        self.calls += 1
+
+
+class FirstOrderStep:
+    """AdamW by backprop on the run's trainable parameters (those the ZO optimizer would train)."""
+
+    def __init__(self, run: Any, lr: float) -> None:
+        self.run = run
+        self.params = [p for group in run.optimizer.param_groups for p in group["params"]]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.adam = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+
+    def __call__(self) -> float:
+        run = self.run
+        batch = run.task.family.train_batch(next(run.stream), run.encoder)
+        self.adam.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            loss = run.task.family.loss(run.engine.module, batch)
+            loss.backward()
+        self.adam.step()
+        return float(loss.detach())
+
+
+def _zo_step(run: Any, step: int) -> float:
+    from zoscale.train.trainer import train_step
+
+    return float(train_step(run, step)["loss"])
+
+
+def _accuracies(run: Any) -> dict[str, float]:
+    from zoscale.train.trainer import evaluate_run
+
+    headline = run.task.family.metrics[0]
+    return {"dev": evaluate_run(run, run.data.dev, prefix="dev")[0][f"dev_{headline}"],
+            "test": evaluate_run(run, run.data.eval)[0][f"eval_{headline}"]}
+
+
+def run_one(spec: RunSpec, budget: Budget, work: Path) -> dict[str, Any]:
+    """Fine-tune ``spec`` within ``budget``; its curve, step time, memory and losses."""
+    from zoscale.optim.base import NonFiniteLossError
+    from zoscale.train.trainer import build
+
+    run = build(train_config(spec, budget, work))
+    counter = ForwardCounter(run.engine.module)
+    step_fn = FirstOrderStep(run, spec.lr) if spec.optimizer == "adamw" else None
+    forwards_budget = budget.steps if step_fn is not None else 2 * budget.steps  # AdamW: steps x (fwd + bwd)
+    marks = [math.ceil(forwards_budget * k / EVAL_POINTS) for k in range(1, EVAL_POINTS + 1)]
+    curve = [{"step": 0, "forwards": 0, "train_s": 0.0, **_accuracies(run)}]
+    baseline = proc_status_mib("VmRSS") if trim_and_reset_hwm() else None
+    losses, step_s, seconds, forwards, diverged = [], [], 0.0, 0, None
+    while forwards < forwards_budget:
+        step = len(step_s) + 1
+        before, t0 = counter.calls, time.perf_counter()
+        try:
+            losses.append(step_fn() if step_fn is not None else _zo_step(run, step))
+        except NonFiniteLossError as e:  # a too-large lr of the sweep: recorded, never chosen
+            diverged = {"step": step, "error": str(e).splitlines()[0]}
+            break
+        step_s.append(time.perf_counter() - t0)
+        seconds += step_s[-1]
+        forwards += counter.calls - before  # the step's own forwards (a backward is not one)
+        if marks and forwards >= marks[0]:
+            while marks and forwards >= marks[0]:
+                marks.pop(0)
+            curve.append({"step": step, "forwards": forwards, "train_s": seconds, **_accuracies(run)})
+    peak = proc_status_mib("VmHWM") - baseline if baseline is not None else None
+    return {**asdict(spec), "name": spec.name, "budget": asdict(budget), "curve": curve,
+            "steps_run": len(step_s), "forwards_per_step": forwards / max(len(step_s), 1),
+            "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
+            "train_peak_rss_growth_mib": peak, "losses": losses, "diverged": diverged,
+            "final_dev": None if diverged else curve[-1]["dev"], "final_test": None if diverged else curve[-1]["test"],
+            "zero_shot_test": curve[0]["test"], "zero_shot_dev": curve[0]["dev"]}
+
+
+def run_path(out: Path, spec: RunSpec) -> Path:
+    return out / "runs" / spec.task / f"{spec.name}.json"
+
+
+def load_runs(out: Path) -> list[dict[str, Any]]:
+    """Every finished run's record under ``out`` (a cut-short write has no file: see ``ensure``)."""
+    return [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*.json"))]
+
+
+def ensure(spec: RunSpec, budget: Budget, out: Path) -> dict[str, Any]:
+    """The run's record: read back if it finished before, else run now and keep it."""
+    path = run_path(out, spec)
+    if path.is_file():
+        record = json.loads(path.read_text())
+        if record["budget"] != asdict(budget):
+            raise SystemExit(f"{path} was run with budget {record['budget']}, not {asdict(budget)}: "
+                             "use another --out or delete it")
+        log(f"{spec.task} {spec.name}: kept from an earlier run")
+        return record
+    log(f"{spec.task} {spec.name} ({spec.stage}) ...")
+    record = run_one(spec, budget, out / "work" / spec.task / spec.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)  # whole or absent
+    log(f"{spec.task} {spec.name}: test {record['final_test']}, dev {record['final_dev']}, "
+        f"step {record['step_s_median']:.3f} s" if record["step_s_median"] else f"{spec.name}: diverged")
+    return record
+
+
+def chosen_lr(records: list[dict[str, Any]], optimizer: str) -> float:
+    """The sweep's lr with the best final dev accuracy (ties: the smaller lr); diverged runs never."""
+    ok = [r for r in records if r["optimizer"] == optimizer and r["final_dev"] is not None]
+    if not ok:
+        raise SystemExit(f"every sweep run of {optimizer} diverged: widen its grid in OPTIMIZERS")
+    return min(ok, key=lambda r: (-r["final_dev"], r["lr"]))["lr"]
+
+
+def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The sweep on the first task, then the chosen lrs on every task and the extra seeds."""
+    budget = Budget(args.model, args.steps, args.batch_size, args.n_train, args.n_dev, args.n_eval, args.max_length)
+    out, names = Path(args.out), args.optimizers
+    first, records = args.tasks[0], []
+    for name in names:
+        grid = OPTIMIZERS[name][1]
+        for lr in (grid[1],) if args.quick else grid:
+            records.append(ensure(RunSpec(first, name, lr, 0, "sweep"), budget, out))
+    lrs = {name: chosen_lr([r for r in records if r["task"] == first], name) for name in names}
+    for task in args.tasks:
+        for seed in args.seeds:
+            for name in names:
+                if task == first and seed == 0:
+                    continue  # the sweep's chosen run
+                if seed == 0 or name in SEEDED:
+                    records.append(ensure(RunSpec(task, name, lrs[name], seed, "final"), budget, out))
+    return records
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/bench_accuracy", help="runs, summary and plots (resumable)")
+    parser.add_argument("--figure", default=str(ROOT / "benchmarks" / "figures" / "accuracy.png"),
+                        help="where the headline PNG is copied (the README's); '' for none")
+    parser.add_argument("--quick", action="store_true", help="one task, one seed, shipped lrs, 20-step budget")
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
+    parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--steps", type=int, default=None, help="budget in MeZO steps (2 forwards each)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--n-train", type=int, default=1000)
+    parser.add_argument("--n-dev", type=int, default=None)
+    parser.add_argument("--n-eval", type=int, default=None)
+    parser.add_argument("--max-length", type=int, default=64)
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.tasks = args.tasks or (list(TASKS[:1]) if quick else list(TASKS))
+    args.seeds = args.seeds or ([0] if quick else [0, 1])
+    args.steps = args.steps or (20 if quick else 80)
+    args.n_dev = args.n_dev if args.n_dev is not None else (50 if quick else 100)
+    args.n_eval = args.n_eval or (100 if quick else 200)
+    if "mezo" not in args.optimizers:
+        parser.error("--optimizers must include mezo (the reference of every ratio)")
+    records = run_benchmark(args)
+    summary = write_report(records, Path(args.out), Path(args.figure) if args.figure else None,
+                           {"model": args.model, "engine": "one process (LocalEngine), fp32", "torch_threads": torch.get_num_threads(),
+                            "quick": quick})
+    print(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
