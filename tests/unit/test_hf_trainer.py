@@ -1,0 +1,279 @@
+"""ZOTrainer (transformers.Trainer with a zoscale optimizer) on one process, on the tiny Llama.
+
+The reference everywhere is a plain loop calling the zoscale optimizer by hand on the same
+batches: ``opt.step(lambda: model(**batch).loss)``. Trainer's loss for a causal LM is the summed
+token loss divided by the step's token count (``num_items_in_batch``), the model's own mean in
+another order of operations; on these batches (no padding) the two agree bit for bit, and so do
+the trajectories (asserted with ``==`` / ``torch.equal``).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
+
+from zoscale.hf import ZO_CHECKPOINT_DIR, LoopOptimizer, ZOTrainer, resolve_zo_config
+from zoscale.models import tiny_llama
+from zoscale.optim import MeZO
+
+STEPS, BATCH, SEQ = 4, 4, 16
+LR, EPS, SEED = 1e-3, 1e-3, 3
+
+
+@pytest.fixture(autouse=True)
+def _eager_noise(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The reference implementation of the noise: no kernel compile in these short runs.
+    monkeypatch.setenv("ZOSCALE_NOISE_BACKEND", "eager")
+
+
+def _data(n: int = STEPS * BATCH, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    rows = [{"input_ids": torch.randint(2, 260, (SEQ,), generator=g)} for _ in range(n)]
+    for r in rows:
+        r["labels"] = r["input_ids"].clone()
+    return rows
+
+
+def collate(rows: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def _args(out: Path, **kw: Any) -> TrainingArguments:
+    base = dict(output_dir=str(out), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=LR,
+                lr_scheduler_type="constant", report_to=[], logging_steps=1, save_strategy="no",
+                train_sampling_strategy="sequential", use_cpu=True, max_grad_norm=0.0, seed=SEED,
+                disable_tqdm=True)
+    return TrainingArguments(**{**base, **kw})
+
+
+def _trainer(out: Path, zo: dict[str, Any] | None = None, data: Any = None, model: Any = None,
+             **kw: Any) -> ZOTrainer:
+    return ZOTrainer(model=model if model is not None else tiny_llama(seed=0), args=_args(out, **kw),
+                     train_dataset=data if data is not None else _data(), data_collator=collate,
+                     zo_config=zo if zo is not None else {"type": "MeZO", "params": {"eps": EPS}})
+
+
+def _by_hand(lrs: list[float] | None = None, batch: int = BATCH) -> tuple[list[float], MeZO, torch.nn.Module]:
+    """The plain loop: MeZO on the same batches in the same order, lr set per step if given."""
+    model = tiny_llama(seed=0)
+    model.eval()
+    opt = MeZO(model.named_parameters(), lr=LR, eps=EPS, seed=SEED)
+    data = _data()
+    losses = []
+    for s in range(STEPS):
+        if lrs is not None:
+            opt.param_groups[0]["lr"] = lrs[s]
+        b = collate(data[s * batch:(s + 1) * batch])
+        losses.append(opt.step(lambda: model(**b).loss))
+    return losses, opt, model
+
+
+def _params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _assert_equal_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), (n, (a[n] - b[n]).abs().max().item())
+
+
+def test_trajectory_equals_the_optimizer_by_hand(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    ref_losses, ref_opt, ref_model = _by_hand()
+    opt = trainer.zo_optimizer
+    assert isinstance(opt, MeZO) and isinstance(trainer.optimizer, LoopOptimizer)
+    assert opt.step_count == STEPS  # one ZO step per optimizer step
+    # Bitwise: the same losses (every SPSA pair), projected gradients and final weights.
+    assert opt.step_log == ref_opt.step_log
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged == pytest.approx(ref_losses, rel=1e-6)  # the Trainer's log holds the ZO step's loss
+    _assert_equal_weights(_params(trainer.model), _params(ref_model))
+    start = _params(tiny_llama(seed=0))
+    assert max((p - start[n]).abs().max().item() for n, p in _params(trainer.model).items()) > 1e-4  # it moved
+    # No first-order machinery ran: no gradient exists anywhere.
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_weights_change_only_by_the_zo_rule(tmp_path: Path) -> None:
+    """The step log, replayed onto the initial weights (noise passes only, no forward), gives the
+    trained weights bit for bit: nothing but the ZO updates touched them."""
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    base = tiny_llama(seed=0)
+    replayer = MeZO(base.named_parameters(), lr=LR, eps=EPS, seed=SEED)
+    replayer.replay(trainer.zo_optimizer.step_log)
+    _assert_equal_weights(_params(base), _params(trainer.model))
+
+
+def test_the_lr_scheduler_drives_the_zo_lr(tmp_path: Path) -> None:
+    warmup = 2
+    trainer = _trainer(tmp_path, lr_scheduler_type="linear", warmup_steps=warmup)
+    trainer.train()
+    # transformers' linear schedule: lr * s / warmup, then lr * (T - s) / (T - warmup).
+    want = [LR * s / warmup if s < warmup else LR * (STEPS - s) / (STEPS - warmup) for s in range(STEPS)]
+    got = [r["lr"][0] for r in trainer.zo_optimizer.step_log]
+    assert got == pytest.approx(want, rel=1e-12, abs=0)
+    assert got[0] == 0.0 and got[2] == pytest.approx(LR)
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    assert logged == pytest.approx(want)
+    ref_losses, ref_opt, ref_model = _by_hand(lrs=got)
+    assert trainer.zo_optimizer.step_log == ref_opt.step_log
+    _assert_equal_weights(_params(trainer.model), _params(ref_model))
+
+
+def test_gradient_accumulation_is_one_zo_step_over_the_micro_batches(tmp_path: Path) -> None:
+    calls: list[int] = []
+    model = tiny_llama(seed=0)
+    model.register_forward_hook(lambda mod, inp, out: calls.append(1))
+    trainer = _trainer(tmp_path / "ga", model=model, per_device_train_batch_size=BATCH // 2,
+                       gradient_accumulation_steps=2)
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert opt.step_count == STEPS and len(opt.step_log) == STEPS
+    assert len(calls) == STEPS * 2 * 2  # per step: 2 SPSA evaluations x 2 micro-batches
+    # The same examples as one batch of 4 per step: the step's loss is the accumulated batch's
+    # token mean (sum of the micro-batches' sums over the step's token count), equal to the
+    # whole batch's up to rounding.
+    ref_losses, ref_opt, ref_model = _by_hand()
+    for got, want in zip(opt.step_log, ref_opt.step_log):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    for n, p in _params(ref_model).items():
+        torch.testing.assert_close(dict(trainer.model.named_parameters())[n].detach(), p, rtol=0, atol=1e-5)
+
+
+def test_checkpoint_and_resume_continue_the_same_trajectory(tmp_path: Path) -> None:
+    kw = dict(save_strategy="steps", save_steps=2, lr_scheduler_type="linear", train_sampling_strategy="random")
+    data = _data(n=STEPS * BATCH * 2)  # two epochs' worth of batches, shuffled: the resume must skip right
+    full = _trainer(tmp_path / "full", data=data, **kw)
+    full.train()
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+            if state.global_step == 2:
+                control.should_training_stop = True
+            return control
+
+    cut = _trainer(tmp_path / "cut", data=data, **kw)
+    cut.add_callback(StopAt())
+    cut.train()
+    assert cut.zo_optimizer.step_count == 2
+    ckpt = tmp_path / "cut" / "checkpoint-2"
+    zo_dir = ckpt / ZO_CHECKPOINT_DIR / "step_00000002"
+    assert (zo_dir / "done").is_file() and (zo_dir / "manifest.json").is_file()
+    assert (ckpt / "scheduler.pt").is_file() and (ckpt / "trainer_state.json").is_file()
+    assert (ckpt / "model.safetensors").is_file()
+
+    resumed = _trainer(tmp_path / "cut", data=data, **kw)  # a fresh process would build the base model again
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    opt = resumed.zo_optimizer
+    assert opt.step_count == STEPS
+    assert opt.step_log == full.zo_optimizer.step_log  # the logged steps 0-1 came back, 2-3 are the same
+    _assert_equal_weights(_params(resumed.model), _params(full.model))
+
+
+def test_resume_from_a_folder_without_zo_state_is_refused(tmp_path: Path) -> None:
+    first = _trainer(tmp_path, save_strategy="steps", save_steps=2, save_only_model=True)
+    first.train()
+    with pytest.raises(ValueError, match="holds no zoscale checkpoint"):
+        _trainer(tmp_path, save_strategy="steps").train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_save_model_writes_a_hugging_face_folder(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
+    _assert_equal_weights(_params(loaded), _params(trainer.model))
+
+
+def test_evaluate_reports_the_models_loss(tmp_path: Path) -> None:
+    evals = _data(n=BATCH, seed=1)
+    trainer = ZOTrainer(model=tiny_llama(seed=0), args=_args(tmp_path, per_device_eval_batch_size=BATCH),
+                        train_dataset=_data(), eval_dataset=evals, data_collator=collate,
+                        zo_config={"type": "MeZO", "params": {"eps": EPS}})
+    trainer.train()
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        want = trainer.model(**collate(evals)).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(want, rel=1e-6)
+
+
+def test_options_from_the_training_arguments(tmp_path: Path) -> None:
+    args = _args(tmp_path, learning_rate=2e-4, seed=9, weight_decay=0.1)
+    name, options, _ = resolve_zo_config({"type": "zo_adam", "params": {"eps": 1e-2, "betas": "auto",
+                                                                         "adam_eps": "auto"}}, args)
+    assert name == "zo_adam"
+    assert options == {"eps": 1e-2, "betas": [args.adam_beta1, args.adam_beta2], "adam_eps": args.adam_epsilon,
+                       "lr": 2e-4, "seed": 9}
+    # Trainer's weight decay, on the parameters Trainer decays (not norms), as its own groups.
+    trainer = ZOTrainer(model=tiny_llama(seed=0), args=args, train_dataset=_data(), data_collator=collate,
+                        zo_config={"type": "MeZO", "params": {"eps": EPS}})
+    trainer.create_optimizer()
+    groups = trainer.zo_optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
+    assert all("norm" not in n for n in groups[0]["param_names"])
+    assert any("norm" in n for n in groups[1]["param_names"])
+    assert all(g["lr"] == 2e-4 and g["eps"] == EPS for g in groups)
+
+
+@pytest.mark.parametrize(("zo", "match"), [
+    ({"type": "MeZO", "params": {"eps": "auto"}}, "perturbation scale"),
+    ({"type": "MeZO", "params": {"q": "auto"}}, "'q': 'auto'"),
+    ({"type": "AdamW", "params": {}}, "Unknown optimizer type 'AdamW'"),
+    ({"type": "MeZO", "params": {"learning_rate": 1e-3}}, "learning_rate"),
+    ({"type": "MeZO", "parms": {}}, "parms"),
+])
+def test_bad_zo_config_is_refused_by_name(tmp_path: Path, zo: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, zo=zo)
+
+
+def test_a_first_order_optimizer_in_the_deepspeed_json_is_refused() -> None:
+    class Args:  # resolve_zo_config reads these fields only
+        learning_rate, seed = LR, SEED
+        deepspeed = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {"lr": 1e-5}}}
+
+    with pytest.raises(ValueError, match="'AdamW', which is not a zoscale optimizer"):
+        resolve_zo_config(None, Args())
+    Args.deepspeed = {"optimizer": {"type": "MeZO", "params": {"eps": 1e-3}}}
+    name, options, source = resolve_zo_config(None, Args())
+    assert (name, options) == ("MeZO", {"eps": 1e-3, "lr": LR, "seed": SEED}) and "DeepSpeed" in source
+    with pytest.raises(ValueError, match="one place only"):
+        resolve_zo_config({"type": "MeZO"}, Args())
+
+
+@pytest.mark.parametrize(("kw", "match"), [
+    ({"gradient_checkpointing": True}, "checkpointing"),
+    ({"torch_compile": True}, "torch_compile"),
+])
+def test_unsupported_training_arguments_are_refused_with_the_reason(tmp_path: Path, kw: dict[str, Any],
+                                                                   match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _trainer(tmp_path, **kw)
+
+
+def test_max_grad_norm_is_ignored_with_one_warning(tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(tmp_path, max_grad_norm=1.0)
+        trainer.train()
+    mine = [w for w in caught if "max_grad_norm" in str(w.message)]
+    assert len(mine) == 1, [str(w.message) for w in mine]
+    ref_losses, ref_opt, ref_model = _by_hand()
+    _assert_equal_weights(_params(trainer.model), _params(ref_model))  # nothing was clipped or changed
+    assert all(math.isfinite(h.get("loss", 0.0)) and "grad_norm" not in h for h in trainer.state.log_history)
+
+
+def test_a_first_order_optimizer_object_is_refused(tmp_path: Path) -> None:
+    model = tiny_llama(seed=0)
+    with pytest.raises(ValueError, match="first-order optimizer"):
+        ZOTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), data_collator=collate,
+                  optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
