@@ -114,12 +114,13 @@ def test_one_sided_flushes_before_its_first_forward() -> None:
     assert all(torch.allclose(p, weights[n], rtol=0, atol=1e-6) for n, p in _params(opt))
 
 
-def _bf16_run(two_pass: bool, master: bool, dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+def _bf16_run(two_pass: bool, master: bool, dtype: torch.dtype = torch.bfloat16,
+              steps: int = T.STEPS) -> dict[str, torch.Tensor]:
     m = T.model().to(dtype)
     opt = build_optimizer("mezo", m.named_parameters(), {**T.record("mezo").kwargs, "two_pass": two_pass,
                                                          "master_weights": master})
     ids = T.data()
-    for _ in range(T.STEPS):
+    for _ in range(steps):
         opt.step(T.closure(m, ids))
     opt.flush()
     return {n: p.detach().float() for n, p in m.named_parameters()}
@@ -130,11 +131,17 @@ def test_bf16_with_master_weights_is_bitwise_three_pass() -> None:
     assert all(torch.equal(two[n], w) for n, w in three.items())
 
 
-def test_bf16_without_master_weights_drifts_no_more_than_three_passes() -> None:
-    """bf16 compute copies edited in place drift (eps is below a bf16 ulp of these weights: the
-    reason for master weights). The fused pass rounds once where the three passes round twice:
-    its distance from the fp32 trajectory is no larger."""
+def test_bf16_without_master_weights_drifts_and_the_fused_pass_changes_only_later_steps() -> None:
+    """bf16 compute copies edited in place drift from the fp32 trajectory (eps is below a bf16 ulp
+    of these weights: the reason for master weights), with either pass. The fused pass only
+    changes where the rounding falls from the second step on (the first step's update is applied
+    by the flush, exactly as the three-pass restore + update), so one step is bitwise three-pass.
+    How much each drifts after that depends on the CPU's kernels (measured after 4 steps: the
+    fused pass within 1.25x of the three passes' distance on an AVX-512 machine, 1.75x on an AVX2 one),
+    so no ordering is asserted."""
+    one = {k: _bf16_run(k == "two", False, steps=1) for k in ("three", "two")}
+    assert all(torch.equal(one["two"][n], w) for n, w in one["three"].items())
     exact = _bf16_run(False, True, torch.float32)
-    three, two = _bf16_run(False, False), _bf16_run(True, False)
-    dist = {k: sum((r[n] - w).abs().mean().item() for n, w in exact.items()) for k, r in (("three", three), ("two", two))}
-    assert dist["two"] <= 1.25 * dist["three"], dist
+    for two_pass in (False, True):
+        drift = _bf16_run(two_pass, False)
+        assert sum((drift[n] - w).abs().mean().item() for n, w in exact.items()) > 1e-3, two_pass
