@@ -159,3 +159,27 @@ def test_a_first_order_optimizer_in_the_json_is_refused(tmp_path: Path) -> None:
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], deepspeed=cfg)
     with pytest.raises(ValueError, match="'AdamW', which is not a zoscale optimizer"):
         ZOTrainer(model=tiny_llama(seed=0), args=args, train_dataset=_data(), data_collator=collate)
+
+
+def _replica_worker(rank: int, world: int, out: str) -> None:
+    os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
+    # torchrun-style replicas on CPU: use_cpu gives accelerate's gloo multi-CPU state; no DeepSpeed.
+    args = _args(out, deepspeed=None, use_cpu=True)
+    assert args.world_size == WORLD
+    trainer = ZOTrainer(model=tiny_llama(seed=rank), args=args, train_dataset=_data(), data_collator=collate)
+    trainer.train()  # rank 1 starts from other weights: the trainer broadcasts rank 0's, as DDP would
+    assert trainer.model_wrapped is trainer.model  # no DDP wrapper: replicas apply the same seeded update
+    torch.save({"log": trainer.zo_optimizer.step_log, "params": full_params(trainer.model)}, f"{out}/rank{rank}.pt")
+
+
+def test_replicas_follow_the_single_process_trajectory(tmp_path: Path) -> None:
+    run(_replica_worker, WORLD, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    assert ranks[0]["log"] == ranks[1]["log"]
+    for n, p in ranks[0]["params"].items():
+        assert torch.equal(p, ranks[1]["params"][n]), n  # the replicas stay identical, bit for bit
+    ref_losses, ref_opt, ref_model = _by_hand()
+    for mine, want in zip(ranks[0]["log"], ref_opt.step_log):
+        assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(ranks[0]["params"][n], p.detach(), rtol=0, atol=ATOL, msg=n)
