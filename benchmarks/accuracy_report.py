@@ -18,19 +18,22 @@ LABELS = {"mezo": "MeZO", "lezo": "LeZO", "sparse_mezo": "Sparse MeZO", "lozo": 
           "zo_sgd_sign": "ZO-SGD-Sign", "blockwise": "block-wise ZO", "adamw": "AdamW (FO)"}
 
 
+def _finals(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r["stage"] == "final"]
+
+
 def _chosen(records: list[dict[str, Any]]) -> dict[str, float]:
-    """optimizer -> the lr its runs beyond the sweep used (else the sweep's best dev)."""
-    lrs: dict[str, float] = {}
+    """optimizer -> the lr of its final runs."""
+    return {r["optimizer"]: r["lr"] for r in _finals(records)}
+
+
+def sweep_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, float | None]]:
+    """optimizer -> {lr: final dev accuracy (None: diverged)} of the sweep runs."""
+    out: dict[str, dict[str, float | None]] = {}
     for r in records:
-        if r["stage"] == "final":
-            lrs[r["optimizer"]] = r["lr"]
-    for r in records:
-        if r["stage"] == "sweep" and r["optimizer"] not in lrs:
-            best = [s for s in records if s["optimizer"] == r["optimizer"] and s["stage"] == "sweep"
-                    and s["final_dev"] is not None]
-            if best:
-                lrs[r["optimizer"]] = min(best, key=lambda s: (-s["final_dev"], s["lr"]))["lr"]
-    return lrs
+        if r["stage"] == "sweep":
+            out.setdefault(r["optimizer"], {})[f"{r['lr']:g}"] = r["final_dev"]
+    return out
 
 
 def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -53,8 +56,8 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def task_summary(records: list[dict[str, Any]], task: str, lrs: dict[str, float]) -> dict[str, Any]:
     """The table rows of one task."""
-    groups = {name: [r for r in records if r["task"] == task and r["optimizer"] == name and r["lr"] == lr
-                     and r["final_test"] is not None] for name, lr in lrs.items()}
+    groups = {name: [r for r in _finals(records) if r["task"] == task and r["optimizer"] == name
+                     and r["final_test"] is not None] for name in lrs}
     groups = {k: v for k, v in groups.items() if v}
     if "mezo" not in groups:
         return {}
@@ -72,7 +75,7 @@ def task_summary(records: list[dict[str, Any]], task: str, lrs: dict[str, float]
                       "to_mezo_final": first_reaching(curve, target), "step_s": step,
                       "step_time_vs_mezo": _ratio(step, ref_step), "forwards_per_step": runs[0]["forwards_per_step"],
                       "train_peak_rss_growth_mib": mem, "memory_vs_mezo": _ratio(mem, ref_mem)}
-    zero_shot = sorted({(r["seed"], r["zero_shot_test"]) for r in records if r["task"] == task})
+    zero_shot = sorted({(r["seed"], r["zero_shot_test"]) for r in _finals(records) if r["task"] == task})
     return {"mezo_final_test": target, "zero_shot_test": sum(z for _, z in zero_shot) / len(zero_shot),
             "zero_shot_by_seed": dict(zero_shot), "rows": rows}
 
@@ -94,6 +97,16 @@ def markdown_table(summary: dict[str, Any]) -> str:
             tests = ", ".join(f"{t:.3f}" for t in row["test"])
             lines.append(f"| {task} | {LABELS[name]} | {row['lr']:g} | {row['test_mean']:.3f} ({tests}) | {reach_s} "
                          f"| {_fmt(row['step_time_vs_mezo'], '.2f')}x | {_fmt(row['memory_vs_mezo'], '.2f')}x |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(sweep: dict[str, dict[str, float | None]]) -> str:
+    if not sweep:
+        return ""
+    lines = ["", "| optimizer | sweep: dev accuracy by lr |", "|---|---|"]
+    for name, by_lr in sweep.items():
+        cells = ", ".join(f"{lr}: {'diverged' if dev is None else format(dev, '.3f')}" for lr, dev in by_lr.items())
+        lines.append(f"| {LABELS[name]} | {cells} |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,11 +161,12 @@ def plot_memory(summary: dict[str, Any], path: Path) -> Any:
 def write_report(records: list[dict[str, Any]], out: Path, figure: Path | None, setting: dict[str, Any]) -> dict:
     """summary.json, table.md and the PNGs under ``out``; the headline copied to ``figure``."""
     lrs = _chosen(records)
-    tasks = sorted({r["task"] for r in records}, key=lambda t: min(i for i, r in enumerate(records) if r["task"] == t))
-    summary = {"setting": setting, "chosen_lr": lrs, "runs": len(records),
+    finals = _finals(records)
+    tasks = sorted({r["task"] for r in finals}, key=lambda t: min(i for i, r in enumerate(finals) if r["task"] == t))
+    summary = {"setting": setting, "chosen_lr": lrs, "sweep_dev": sweep_summary(records), "runs": len(records),
                "tasks": {t: task_summary(records, t, lrs) for t in tasks}}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(markdown_table(summary))
+    (out / "table.md").write_text(markdown_table(summary) + sweep_table(summary["sweep_dev"]))
     pngs = []
     for task, s in summary["tasks"].items():
         if s:

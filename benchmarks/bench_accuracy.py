@@ -7,10 +7,10 @@ first-order AdamW by backprop on the same (local) engine as the reference. Every
 same data, micro-batch, prompt and evaluation; its optimizer options are the shipped
 ``ds_configs/zero3_<name>.json``'s except the learning rate:
 
-* **sweep** (first task, seed 0): three learning rates per optimizer; the one with the best dev
-  accuracy (dev cut from the training side) is chosen, and that run's test accuracy is reported;
-* **final**: the chosen lr on the second task, and a second seed for MeZO, LeZO and Sparse MeZO
-  on both tasks.
+* **sweep** (first task, seed 0, ``--sweep-steps`` each): three learning rates per optimizer;
+  the one with the best final dev accuracy (dev cut from the training side) is chosen;
+* **final** (``--steps`` each): the chosen lr on every task, seed 0, and a second seed for MeZO,
+  LeZO and Sparse MeZO; the table reports these runs' test accuracy.
 
 A run's budget is counted in forward passes: ``2 x steps`` (MeZO's two per step), so block-wise
 ZO (2 per block per step) takes fewer steps; AdamW takes ``steps`` steps of one forward and one
@@ -22,11 +22,12 @@ Resumable run by run: each finished run is ``<out>/runs/<task>/<name>.json``; a 
 again skips those. The summary (``<out>/summary.json``, ``<out>/table.md``) and the plots
 (``<out>/*.png``, the headline copied to ``--figure``) are made from whatever runs exist::
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py            # ~1.5-2 h here
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py --quick    # <= 10 min
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py            # the whole benchmark
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py --quick    # a smoke run
 
-``--quick``: the first task only, seed 0, each optimizer at its shipped lr, 20 MeZO-steps of
-budget, smaller dev/test sets. JSON (the summary) on stdout, progress on stderr.
+``--quick``: the first task only, seed 0, no sweep (each optimizer at its shipped lr), a budget
+of 6 MeZO steps, 32 dev and 64 test examples: it checks the benchmark on the real model, its
+accuracies are not a comparison. See the README for the measured durations. JSON (the summary) on stdout, progress on stderr.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class RunSpec:
 
     @property
     def name(self) -> str:
-        return f"{self.optimizer}_lr{self.lr:g}_seed{self.seed}"
+        return f"{self.stage}_{self.optimizer}_lr{self.lr:g}_seed{self.seed}"
 
 
 @dataclass(frozen=True)
@@ -238,22 +239,24 @@ def chosen_lr(records: list[dict[str, Any]], optimizer: str) -> float:
 
 
 def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """The sweep on the first task, then the chosen lrs on every task and the extra seeds."""
-    budget = Budget(args.model, args.steps, args.batch_size, args.n_train, args.n_dev, args.n_eval, args.max_length)
-    out, names = Path(args.out), args.optimizers
-    first, records = args.tasks[0], []
-    for name in names:
-        grid = OPTIMIZERS[name][1]
-        for lr in (grid[1],) if args.quick else grid:
-            records.append(ensure(RunSpec(first, name, lr, 0, "sweep"), budget, out))
-    lrs = {name: chosen_lr([r for r in records if r["task"] == first], name) for name in names}
+    """The sweep on the first task (short runs), then the chosen lrs on every task and seed."""
+    def budget(steps: int) -> Budget:
+        return Budget(args.model, steps, args.batch_size, args.n_train, args.n_dev, args.n_eval, args.max_length)
+
+    out, names, first = Path(args.out), args.optimizers, args.tasks[0]
+    records: list[dict[str, Any]] = []
+    if args.quick:  # no sweep: the shipped JSON's lr (the grid's middle)
+        lrs = {name: OPTIMIZERS[name][1][1] for name in names}
+    else:
+        for name in names:
+            for lr in OPTIMIZERS[name][1]:
+                records.append(ensure(RunSpec(first, name, lr, 0, "sweep"), budget(args.sweep_steps), out))
+        lrs = {name: chosen_lr(records, name) for name in names}
     for task in args.tasks:
         for seed in args.seeds:
             for name in names:
-                if task == first and seed == 0:
-                    continue  # the sweep's chosen run
-                if seed == 0 or name in SEEDED:
-                    records.append(ensure(RunSpec(task, name, lrs[name], seed, "final"), budget, out))
+                if seed == args.seeds[0] or name in SEEDED:
+                    records.append(ensure(RunSpec(task, name, lrs[name], seed, "final"), budget(args.steps), out))
     return records
 
 
@@ -262,12 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/bench_accuracy", help="runs, summary and plots (resumable)")
     parser.add_argument("--figure", default=str(ROOT / "benchmarks" / "figures" / "accuracy.png"),
                         help="where the headline PNG is copied (the README's); '' for none")
-    parser.add_argument("--quick", action="store_true", help="one task, one seed, shipped lrs, 20-step budget")
+    parser.add_argument("--quick", action="store_true", help="one task, one seed, shipped lrs, 6-step budget")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="budget in MeZO steps (2 forwards each)")
+    parser.add_argument("--steps", type=int, default=None, help="a final run's budget in MeZO steps (2 forwards each)")
+    parser.add_argument("--sweep-steps", type=int, default=25, help="a sweep run's budget in MeZO steps")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-dev", type=int, default=None)
@@ -277,9 +281,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quick = args.quick
     args.tasks = args.tasks or (list(TASKS[:1]) if quick else list(TASKS))
     args.seeds = args.seeds or ([0] if quick else [0, 1])
-    args.steps = args.steps or (20 if quick else 80)
-    args.n_dev = args.n_dev if args.n_dev is not None else (50 if quick else 100)
-    args.n_eval = args.n_eval or (100 if quick else 200)
+    args.steps = args.steps or (6 if quick else 100)
+    args.n_dev = args.n_dev if args.n_dev is not None else (32 if quick else 100)
+    args.n_eval = args.n_eval or (64 if quick else 200)
     if "mezo" not in args.optimizers:
         parser.error("--optimizers must include mezo (the reference of every ratio)")
     records = run_benchmark(args)

@@ -109,3 +109,22 @@ def test_time_to_accuracy_is_the_first_point_reaching_the_target() -> None:
 def test_the_summary_is_json(quick: tuple[Path, dict]) -> None:
     out, summary = quick
     assert json.loads((out / "out" / "summary.json").read_text())["chosen_lr"] == summary["chosen_lr"]
+
+
+def test_the_full_path_sweeps_then_runs_the_chosen_lr_on_every_seed(tmp_path: Path) -> None:
+    argv = ["--model", "tiny-llama", "--optimizers", "mezo", "adamw", "--tasks", "sst2", "--seeds", "0", "1",
+            "--steps", "2", "--sweep-steps", "1", "--n-train", "64", "--n-dev", "16", "--n-eval", "16",
+            "--out", str(tmp_path), "--figure", ""]
+    summary = bench_accuracy.main(argv)
+    records = bench_accuracy.load_runs(tmp_path)
+    sweep = [r for r in records if r["stage"] == "sweep"]
+    final = [r for r in records if r["stage"] == "final"]
+    assert sorted((r["optimizer"], r["lr"]) for r in sweep) == sorted(
+        (name, lr) for name in ("mezo", "adamw") for lr in bench_accuracy.OPTIMIZERS[name][1])
+    assert all(r["budget"]["steps"] == 1 for r in sweep) and all(r["budget"]["steps"] == 2 for r in final)
+    assert sorted((r["optimizer"], r["seed"]) for r in final) == [("adamw", 0), ("mezo", 0), ("mezo", 1)]
+    for name in ("mezo", "adamw"):
+        chosen = bench_accuracy.chosen_lr(sweep, name)
+        assert {r["lr"] for r in final if r["optimizer"] == name} == {chosen} == {summary["chosen_lr"][name]}
+        assert len(summary["sweep_dev"][name]) == 3
+    assert summary["tasks"]["sst2"]["rows"]["mezo"]["seeds"] == [0, 1]
