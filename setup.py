@@ -25,5 +25,6 @@ setup(
         "tensorboard>=2.14",
     ],
     entry_points={"console_scripts": ["zoscale = zoscale.plan_cli:console"]},  # zoscale plan
-    extras_require={"test": ["pytest>=8", "scipy>=1.10"]},
+    # trl: zoscale.hf.sft.ZOSFTTrainer (trl's SFTTrainer with a ZO step); tested with trl 1.16.
+    extras_require={"test": ["pytest>=8", "scipy>=1.10"], "trl": ["trl>=1.16"]},
 )

@@ -250,14 +250,18 @@ def test_a_first_order_optimizer_in_the_deepspeed_json_is_refused() -> None:
         resolve_zo_config({"type": "MeZO"}, Args())
 
 
-@pytest.mark.parametrize(("kw", "match"), [
-    ({"gradient_checkpointing": True}, "checkpointing"),
-    ({"torch_compile": True}, "torch_compile"),
-])
-def test_unsupported_training_arguments_are_refused_with_the_reason(tmp_path: Path, kw: dict[str, Any],
-                                                                   match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        _trainer(tmp_path, **kw)
+def test_torch_compile_is_refused_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="torch_compile is not supported: Trainer compiles the model inside"):
+        _trainer(tmp_path, torch_compile=True)
+
+
+def test_activation_checkpointing_is_switched_off_with_the_reason(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning, match="turns activation .gradient. checkpointing off.*keeps none"):
+        trainer = _trainer(tmp_path, gradient_checkpointing=True)
+    trainer.train()
+    assert not trainer.model.is_gradient_checkpointing  # Trainer did not enable it on the model
+    ref_losses, ref_opt, ref_model = _by_hand()
+    assert trainer.zo_optimizer.step_log == ref_opt.step_log
 
 
 def test_max_grad_norm_is_ignored_with_one_warning(tmp_path: Path) -> None:
@@ -277,3 +281,45 @@ def test_a_first_order_optimizer_object_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="first-order optimizer"):
         ZOTrainer(model=model, args=_args(tmp_path), train_dataset=_data(), data_collator=collate,
                   optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None))
+
+
+def test_zo_sft_trainer_follows_the_optimizer_by_hand(tmp_path: Path) -> None:
+    """trl's SFTTrainer with the ZO step: its batches, fed to MeZO by hand, give the same run."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from zoscale.hf.sft import ZOSFTTrainer
+    from zoscale.models import tiny_tokenizer
+
+    texts = Dataset.from_list([{"text": f"sample {i}: the film was {'great' if i % 2 else 'bad'} ({i * 7})"}
+                               for i in range(STEPS * BATCH)])
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=BATCH, max_steps=STEPS, learning_rate=LR,
+                     lr_scheduler_type="constant", report_to=[], logging_steps=1, save_strategy="no",
+                     train_sampling_strategy="sequential", use_cpu=True, max_grad_norm=0.0, seed=SEED,
+                     disable_tqdm=True, max_length=48)
+    trainer = ZOSFTTrainer(model=tiny_llama(seed=0), args=args, train_dataset=texts, processing_class=tiny_tokenizer(),
+                           zo_config={"type": "MeZO", "params": {"eps": EPS}})
+    batches: list[dict[str, torch.Tensor]] = []
+    collator = trainer.data_collator
+    trainer.data_collator = lambda rows: batches.append(collator(rows)) or batches[-1]
+    trainer.train()
+    assert len(batches) == STEPS and any((b["labels"] == -100).any() for b in batches)  # padded, masked
+
+    model = tiny_llama(seed=0)
+    model.eval()
+    opt = MeZO(model.named_parameters(), lr=LR, eps=EPS, seed=SEED)
+    for b in batches:
+        opt.step(lambda: model(**{k: v for k, v in b.items() if k in ("input_ids", "attention_mask", "labels")}).loss)
+    # trl's loss (summed token log-probs over the step's token count, from its fused head) against the
+    # model's mean cross-entropy: equal up to rounding, then amplified by 1/(2 eps) in the projected gradient.
+    for got, want in zip(trainer.zo_optimizer.step_log, opt.step_log):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(dict(trainer.model.named_parameters())[n].detach(), p.detach(), rtol=0, atol=1e-5)
+    # trl's metrics are filed as training metrics, and each token is counted once (not once per forward).
+    train_logs = [h for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    assert len(train_logs) == STEPS
+    assert all("mean_token_accuracy" in h and "entropy" in h and not any(k.startswith("eval_") for k in h)
+               for h in train_logs)
+    assert train_logs[-1]["num_tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)

@@ -9,7 +9,8 @@ datasets and ``compute_metrics``. What differs from ``Trainer``, and why:
   ``self.optimizer`` (:class:`LoopOptimizer`) shares the ZO optimizer's param groups, so the lr
   scheduler drives the ZO lr, but its ``step()`` and ``zero_grad()`` do nothing (the step already
   ran), gradient clipping is skipped (there are no gradients: ``max_grad_norm`` is ignored, with
-  one warning) and ``accelerator.backward`` is never called.
+  one warning) and ``accelerator.backward`` is never called. Activation (gradient) checkpointing
+  is switched off with a warning (it only saves activations kept for a backward).
 * **Gradient accumulation.** The ``gradient_accumulation_steps`` micro-batches of one optimizer
   step become one closure: each SPSA evaluation runs all of them and combines their losses as the
   Trainer would before its backward (summed when the loss is already normalised over the
@@ -133,7 +134,7 @@ class ZOTrainer(Trainer):
     Raises:
         ValueError: a first-order optimizer in the DeepSpeed JSON, an optimizer given both ways,
             a DeepSpeed ``"scheduler"`` section, ``optimizers=`` with a non-zoscale optimizer,
-            activation (gradient) checkpointing, ``torch_compile``, ``nn.DataParallel`` (several
+            ``torch_compile``, ``nn.DataParallel`` (several
             GPUs in one process); an invalid optimizer option (named).
         NotImplementedError: FSDP through accelerate's plugin.
     """
@@ -146,6 +147,7 @@ class ZOTrainer(Trainer):
             self.zo_type, self.zo_params, self.zo_source = resolve_zo_config(zo_config, training_args)
             _take_optimizer_out_of_ds_config(training_args)
         super().__init__(*args, **kwargs)
+        _take_optimizer_out_of_ds_config(self.args)  # again: trl's SFTTrainer rebuilds the arguments
         if training_args is None:
             self.zo_type, self.zo_params, self.zo_source = resolve_zo_config(zo_config, self.args)
         self._refuse_unsupported()
@@ -158,15 +160,21 @@ class ZOTrainer(Trainer):
         self.zo_engine: Any = None
         self._zo_pending: list[dict[str, Any]] = []
         self._zo_max_steps = 0
+        self._zo_closure_calls = 0  # closure calls of the last ZO step (forward passes over its micro-batches)
+        self._zo_in_step = False  # True while the ZO step (its closure) runs
         logger.info(f"ZOTrainer: {self.zo_type} {self.zo_params} (from {self.zo_source})")
 
     # ------------------------------------------------------------------ checks
     def _refuse_unsupported(self) -> None:
         a = self.args
         if getattr(a, "activation_checkpointing", False) or getattr(a, "gradient_checkpointing", False):
-            raise ValueError("ZOTrainer: activation (gradient) checkpointing saves memory on the activations kept "
-                             "for a backward pass; a ZO step runs forwards only, under no_grad, and keeps none, so "
-                             "it would only slow the forwards: set activation_checkpointing=False")
+            # Switched off rather than refused: trl's SFTConfig turns it on by default.
+            warnings.warn("ZOTrainer turns activation (gradient) checkpointing off: it saves memory on the "
+                          "activations kept for a backward pass; a ZO step runs forwards only, under no_grad, and "
+                          "keeps none, so it would only slow the forwards", stacklevel=3)
+            a.activation_checkpointing = False
+            if hasattr(a, "gradient_checkpointing"):
+                a.gradient_checkpointing = False
         if a.torch_compile:
             raise ValueError("ZOTrainer: torch_compile is not supported: Trainer compiles the model inside "
                              "accelerate's prepare, which ZOTrainer does not use (it builds the engine itself); "
@@ -293,14 +301,20 @@ class ZOTrainer(Trainer):
         parts, self._zo_pending = self._zo_pending, []
         scaled = self._loss_is_scaled(num_items_in_batch)
         model.eval()  # the two forwards of a pair must see the same function: no dropout
+        self._zo_closure_calls = 0
 
         def closure() -> torch.Tensor:
+            self._zo_closure_calls += 1
             with torch.no_grad(), self.compute_loss_context_manager():
                 losses = [self.compute_loss(model, part, num_items_in_batch=num_items_in_batch) for part in parts]
             total = losses[0] if len(losses) == 1 else torch.stack([l.reshape(()) for l in losses]).sum()
             return total if scaled or len(losses) == 1 else total / len(losses)
 
-        loss = self.zo_optimizer.step(closure)
+        self._zo_in_step = True
+        try:
+            loss = self.zo_optimizer.step(closure)
+        finally:
+            self._zo_in_step = False
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> None:
