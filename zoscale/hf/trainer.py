@@ -140,6 +140,11 @@ class ZOTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, zo_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if not hasattr(Trainer, "_prepare_for_training"):
+            import transformers
+
+            raise ImportError(f"ZOTrainer replaces Trainer._prepare_for_training, which transformers "
+                              f"{transformers.__version__} does not have (tested with 5.24)")
         training_args = _split_args(args, kwargs)
         if training_args is not None:
             # Before Trainer builds anything: the optimizer section is checked and taken out of
