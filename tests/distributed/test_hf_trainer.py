@@ -156,9 +156,17 @@ def test_zero3_follows_the_single_process_trajectory(tmp_path: Path) -> None:
 
 def test_a_first_order_optimizer_in_the_json_is_refused(tmp_path: Path) -> None:
     cfg = {**DS_CONFIG, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}
+    from accelerate.state import AcceleratorState
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
     args = TrainingArguments(output_dir=str(tmp_path), report_to=[], deepspeed=cfg)
-    with pytest.raises(ValueError, match="'AdamW', which is not a zoscale optimizer"):
-        ZOTrainer(model=tiny_llama(seed=0), args=args, train_dataset=_data(), data_collator=collate)
+    try:
+        with pytest.raises(ValueError, match="'AdamW', which is not a zoscale optimizer"):
+            ZOTrainer(model=tiny_llama(seed=0), args=args, train_dataset=_data(), data_collator=collate)
+    finally:  # this runs in pytest's process: later tests must not build models under ZeRO-3
+        unset_hf_deepspeed_config()
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert not is_deepspeed_zero3_enabled()
 
 
 def _replica_worker(rank: int, world: int, out: str) -> None:
