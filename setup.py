@@ -26,5 +26,7 @@ setup(
     ],
     entry_points={"console_scripts": ["zoscale = zoscale.plan_cli:console"]},  # zoscale plan
     # trl: zoscale.hf.sft.ZOSFTTrainer (trl's SFTTrainer with a ZO step); tested with trl 1.16.
-    extras_require={"test": ["pytest>=8", "scipy>=1.10"], "trl": ["trl>=1.16"]},
+    # The test extra includes it so that the README's test command (setup.sh installs .[test])
+    # runs the SFT tests on a fresh machine instead of skipping them.
+    extras_require={"test": ["pytest>=8", "scipy>=1.10", "trl>=1.16"], "trl": ["trl>=1.16"]},
 )
