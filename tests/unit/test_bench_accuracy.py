@@ -101,6 +101,7 @@ def test_time_to_accuracy_is_the_first_point_reaching_the_target() -> None:
              {"train_s": 10.0, "forwards": 40, "test": 0.7, "dev": 0.6},
              {"train_s": 20.0, "forwards": 80, "test": 0.65, "dev": 0.6}]
     assert accuracy_report.first_reaching(curve, 0.65) == {"train_s": 10.0, "forwards": 40}
+    assert accuracy_report.first_reaching(curve, 0.5) == {"train_s": 10.0, "forwards": 40}  # never step 0
     assert accuracy_report.first_reaching(curve, 0.71) is None
     runs = [{"curve": curve}, {"curve": [{**p, "test": p["test"] - 0.1} for p in curve]}]
     assert [p["test"] for p in accuracy_report.mean_curve(runs)] == pytest.approx([0.45, 0.65, 0.6])
