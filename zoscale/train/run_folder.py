@@ -35,6 +35,7 @@ from zoscale.data.tasks import Example
 from zoscale.train.checkpoint import LAYOUT_KEYS, intact_checkpoints, latest_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.preemption import STOP_FILE
+from zoscale.train.reporting import METRICS_FILE, TENSORBOARD_DIR
 from zoscale.train.step_log_file import read_step_log
 
 __all__ = ["RunFolder", "prepare_run_folder", "run_identity", "STEP_LOG"]
@@ -143,12 +144,12 @@ def write_run_folder(folder: RunFolder) -> None:
     resumed = folder.checkpoint is not None or folder.log is not None
     if not resumed:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / METRICS_FILE).unlink(missing_ok=True)
         (out / STEP_LOG).unlink(missing_ok=True)
-        shutil.rmtree(out / "tensorboard", ignore_errors=True)  # the event files of the run started over
+        shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # the event files of the run started over
     (out / STOP_FILE).unlink(missing_ok=True)  # a stop request left over from an earlier run
     (out / "run.json").write_text(json.dumps(folder.identity, indent=2))
-    metrics = out / "metrics.jsonl"
+    metrics = out / METRICS_FILE
     if resumed and metrics.is_file():
         rows = [line for line in metrics.read_text().splitlines() if line.strip()]
         keep = [line for line in rows if _kept(json.loads(line), folder.step)]

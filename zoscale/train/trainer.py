@@ -33,7 +33,7 @@ from zoscale.train.checkpoint import save_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.evaluation import evaluate, rank_sync
 from zoscale.train.preemption import EXIT_PREEMPTED, STOP_FILE, Preempted, PreemptionFlag
-from zoscale.train.reporting import Reporter
+from zoscale.train.reporting import METRICS_FILE, Reporter
 from zoscale.train.resume import open_step_log, resume
 from zoscale.train.run_folder import prepare_run_folder, run_identity, write_run_folder
 from zoscale.train.step_log_file import StepLogWriter
@@ -278,7 +278,7 @@ def finish(run: Run, before: dict[str, Any], t_start: float) -> dict[str, Any]:
         "steps": cfg.steps,
         "world_size": run.engine.world_size,
         "seconds": time.perf_counter() - t_start,
-        "metrics": str(run.out / "metrics.jsonl"),
+        "metrics": str(run.out / METRICS_FILE),
         "predictions": str(run.out / "predictions.jsonl") if rows is not None else None,
         "final_dir": str(final_dir) if final_dir else None,
     }
