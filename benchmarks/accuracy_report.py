@@ -39,7 +39,7 @@ def sweep_summary(records: list[dict[str, Any]]) -> dict[str, dict[str, float | 
 def mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     """Point-by-point mean over seeds (the points sit at the same forward counts)."""
     n = min(len(r["curve"]) for r in runs)
-    return [{k: sum(r["curve"][i][k] for r in runs) / len(runs) for k in ("forwards", "train_s", "test", "dev")}
+    return [{k: sum(r["curve"][i][k] for r in runs) / len(runs) for k in ("forwards", "train_s", "test")}
             for i in range(n)]
 
 

@@ -8,15 +8,22 @@ same data, micro-batch, prompt and evaluation; its optimizer options are the shi
 ``ds_configs/zero3_<name>.json``'s except the learning rate:
 
 * **sweep** (first task, seed 0, ``--sweep-steps`` each): three learning rates per optimizer;
-  the one with the best final dev accuracy (dev cut from the training side) is chosen;
+  the one with the best final dev accuracy (dev cut from the training side; ties: the lower dev
+  loss) is chosen;
 * **final** (``--steps`` each): the chosen lr on every task, seed 0, and a second seed for MeZO,
   LeZO and Sparse MeZO; the table reports these runs' test accuracy.
 
 A run's budget is counted in forward passes: ``2 x steps`` (MeZO's two per step), so block-wise
 ZO (2 per block per step) takes fewer steps; AdamW takes ``steps`` steps of one forward and one
-backward. Dev and test accuracy are measured at five points of the budget (0, 1/4, .., all); recorded per run: the
-curve against training seconds (evaluation excluded) and forwards, step time, the peak RSS
-growth of training over the loaded model (``VmHWM``), the losses.
+backward. A final run measures test accuracy at five points of the budget (0, 1/4, .., all), a
+sweep run dev accuracy and loss at its start and end (the untrained model's scores are computed
+once per task, seed and split); recorded per run: the curve against training seconds
+(evaluation excluded) and forwards, step time, the peak RSS growth of training over the loaded
+model (``VmHWM``), the losses.
+
+The defaults (micro-batch 8, sweeps of 10 and final runs of 40 MeZO-steps, 64 dev and 100 test
+examples) are sized to the 2-hour budget on a 2-core CPU: see the README for what they cost and
+what so short a budget can and cannot show.
 
 Resumable run by run: each finished run is ``<out>/runs/<task>/<name>.json``; a benchmark started
 again skips those. The summary (``<out>/summary.json``, ``<out>/table.md``) and the plots
@@ -26,7 +33,7 @@ again skips those. The summary (``<out>/summary.json``, ``<out>/table.md``) and 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py --quick    # a smoke run
 
 ``--quick``: the first task only, seed 0, no sweep (each optimizer at its shipped lr), a budget
-of 6 MeZO steps, 32 dev and 64 test examples: it checks the benchmark on the real model, its
+of 4 MeZO steps, 32 test examples: it checks the benchmark on the real model, its
 accuracies are not a comparison. See the README for the measured durations. JSON (the summary) on stdout, progress on stderr.
 """
 
@@ -155,16 +162,54 @@ def _zo_step(run: Any, step: int) -> float:
     return float(train_step(run, step)["loss"])
 
 
-def _accuracies(run: Any) -> dict[str, float]:
+def _test_accuracy(run: Any) -> float:
     from zoscale.train.trainer import evaluate_run
 
     headline = run.task.family.metrics[0]
-    return {"dev": evaluate_run(run, run.data.dev, prefix="dev")[0][f"dev_{headline}"],
-            "test": evaluate_run(run, run.data.eval)[0][f"eval_{headline}"]}
+    return evaluate_run(run, run.data.eval)[0][f"eval_{headline}"]
+
+
+@torch.no_grad()
+def _dev_accuracy_and_loss(run: Any) -> tuple[float, float]:
+    """Dev accuracy and mean loss from the same candidate scores (both tasks are classification):
+    the loss tells apart the sweep's lrs that a short run leaves at the same accuracy."""
+    from zoscale.data.tasks.classification import choice_scores
+
+    run.optimizer.flush()
+    dev, size = run.data.dev, run.cfg.batch_size
+    right, loss = 0.0, 0.0
+    for i in range(0, len(dev), size):
+        batch = run.task.family.eval_batch(dev[i:i + size], run.encoder)
+        scores = choice_scores(run.engine.module, batch)
+        labels = batch["labels"].to(scores.device)
+        right += float((scores.argmax(-1) == labels).sum())
+        loss += float(torch.nn.functional.cross_entropy(scores, labels, reduction="sum"))
+    return right / len(dev), loss / len(dev)
+
+
+# The untrained model's score, the same for every run of a (budget, task, seed, split): computed once.
+_ZERO_SHOT: dict[tuple[Any, ...], Any] = {}
+
+
+def _zero_shot(run: Any, spec: RunSpec, budget: Budget, split: str) -> Any:
+    key = (budget, spec.task, spec.seed, split)
+    if key not in _ZERO_SHOT:
+        _ZERO_SHOT[key] = _test_accuracy(run) if split == "test" else _dev_accuracy_and_loss(run)
+    return _ZERO_SHOT[key]
+
+
+def _point(step: int, forwards: int, seconds: float, split: str, score: Any) -> dict[str, Any]:
+    """A curve point: test accuracy (final runs), or dev accuracy and loss (sweep runs)."""
+    scores = {"test": score} if split == "test" else {"dev": score[0], "dev_loss": score[1]}
+    return {"step": step, "forwards": forwards, "train_s": seconds, **scores}
 
 
 def run_one(spec: RunSpec, budget: Budget, work: Path) -> dict[str, Any]:
-    """Fine-tune ``spec`` within ``budget``; its curve, step time, memory and losses."""
+    """Fine-tune ``spec`` within ``budget``; its curve, step time, memory and losses.
+
+    A final run's curve is test accuracy at 0, 1/4, .., all of the budget; a sweep run's is dev
+    accuracy and loss at 0 and at the end (dev chooses the lr, test reports it: neither sees the other).
+    """
     from zoscale.optim.base import NonFiniteLossError
     from zoscale.train.trainer import build
 
@@ -172,8 +217,10 @@ def run_one(spec: RunSpec, budget: Budget, work: Path) -> dict[str, Any]:
     counter = ForwardCounter(run.engine.module)
     step_fn = FirstOrderStep(run, spec.lr) if spec.optimizer == "adamw" else None
     forwards_budget = budget.steps if step_fn is not None else 2 * budget.steps  # AdamW: steps x (fwd + bwd)
-    marks = [math.ceil(forwards_budget * k / EVAL_POINTS) for k in range(1, EVAL_POINTS + 1)]
-    curve = [{"step": 0, "forwards": 0, "train_s": 0.0, **_accuracies(run)}]
+    points = EVAL_POINTS if spec.stage == "final" else 1
+    marks = [math.ceil(forwards_budget * k / points) for k in range(1, points + 1)]
+    split = "test" if spec.stage == "final" else "dev"
+    curve = [_point(0, 0, 0.0, split, _zero_shot(run, spec, budget, split))]
     baseline = proc_status_mib("VmRSS") if trim_and_reset_hwm() else None
     losses, step_s, seconds, forwards, diverged = [], [], 0.0, 0, None
     while forwards < forwards_budget:
@@ -190,14 +237,17 @@ def run_one(spec: RunSpec, budget: Budget, work: Path) -> dict[str, Any]:
         if marks and forwards >= marks[0]:
             while marks and forwards >= marks[0]:
                 marks.pop(0)
-            curve.append({"step": step, "forwards": forwards, "train_s": seconds, **_accuracies(run)})
+            score = _test_accuracy(run) if split == "test" else _dev_accuracy_and_loss(run)
+            curve.append(_point(step, forwards, seconds, split, score))
     peak = proc_status_mib("VmHWM") - baseline if baseline is not None else None
+    end = None if diverged else curve[-1]
     return {**asdict(spec), "name": spec.name, "budget": asdict(budget), "curve": curve,
             "steps_run": len(step_s), "forwards_per_step": forwards / max(len(step_s), 1),
             "step_s_median": sorted(step_s)[len(step_s) // 2] if step_s else None,
             "train_peak_rss_growth_mib": peak, "losses": losses, "diverged": diverged,
-            "final_dev": None if diverged else curve[-1]["dev"], "final_test": None if diverged else curve[-1]["test"],
-            "zero_shot_test": curve[0]["test"], "zero_shot_dev": curve[0]["dev"]}
+            "final_dev": end.get("dev") if end else None, "final_dev_loss": end.get("dev_loss") if end else None,
+            "final_test": end.get("test") if end else None,
+            "zero_shot_test": curve[0].get("test"), "zero_shot_dev": curve[0].get("dev")}
 
 
 def run_path(out: Path, spec: RunSpec) -> Path:
@@ -231,11 +281,12 @@ def ensure(spec: RunSpec, budget: Budget, out: Path) -> dict[str, Any]:
 
 
 def chosen_lr(records: list[dict[str, Any]], optimizer: str) -> float:
-    """The sweep's lr with the best final dev accuracy (ties: the smaller lr); diverged runs never."""
+    """The sweep's lr with the best final dev accuracy, ties broken by the lower dev loss, then the
+    smaller lr; diverged runs never."""
     ok = [r for r in records if r["optimizer"] == optimizer and r["final_dev"] is not None]
     if not ok:
         raise SystemExit(f"every sweep run of {optimizer} diverged: widen its grid in OPTIMIZERS")
-    return min(ok, key=lambda r: (-r["final_dev"], r["lr"]))["lr"]
+    return min(ok, key=lambda r: (-r["final_dev"], r["final_dev_loss"], r["lr"]))["lr"]
 
 
 def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -265,14 +316,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", default="runs/bench_accuracy", help="runs, summary and plots (resumable)")
     parser.add_argument("--figure", default=str(ROOT / "benchmarks" / "figures" / "accuracy.png"),
                         help="where the headline PNG is copied (the README's); '' for none")
-    parser.add_argument("--quick", action="store_true", help="one task, one seed, shipped lrs, 6-step budget")
+    parser.add_argument("--quick", action="store_true", help="one task, one seed, shipped lrs, 4-step budget")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=None)
     parser.add_argument("--optimizers", nargs="+", choices=list(OPTIMIZERS), default=list(OPTIMIZERS))
     parser.add_argument("--seeds", nargs="+", type=int, default=None)
     parser.add_argument("--steps", type=int, default=None, help="a final run's budget in MeZO steps (2 forwards each)")
-    parser.add_argument("--sweep-steps", type=int, default=25, help="a sweep run's budget in MeZO steps")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--sweep-steps", type=int, default=10, help="a sweep run's budget in MeZO steps")
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--n-dev", type=int, default=None)
     parser.add_argument("--n-eval", type=int, default=None)
@@ -281,9 +332,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     quick = args.quick
     args.tasks = args.tasks or (list(TASKS[:1]) if quick else list(TASKS))
     args.seeds = args.seeds or ([0] if quick else [0, 1])
-    args.steps = args.steps or (6 if quick else 100)
-    args.n_dev = args.n_dev if args.n_dev is not None else (32 if quick else 100)
-    args.n_eval = args.n_eval or (64 if quick else 200)
+    args.steps = args.steps or (4 if quick else 40)
+    args.n_dev = args.n_dev if args.n_dev is not None else (32 if quick else 64)
+    args.n_eval = args.n_eval or (32 if quick else 100)
     if "mezo" not in args.optimizers:
         parser.error("--optimizers must include mezo (the reference of every ratio)")
     records = run_benchmark(args)

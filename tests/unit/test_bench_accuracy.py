@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -86,8 +87,9 @@ def test_a_run_of_another_budget_is_refused(quick: tuple[Path, dict]) -> None:
         bench_accuracy.main([*QUICK[:-2], "--n-eval", "8", "--out", str(out / "out"), "--figure", ""])
 
 
-def _record(opt: str, lr: float, dev: float | None, test: float | None = 0.5) -> dict:
-    return {"optimizer": opt, "lr": lr, "final_dev": dev, "final_test": test, "stage": "sweep"}
+def _record(opt: str, lr: float, dev: float | None, test: float | None = 0.5, dev_loss: float = 0.7) -> dict:
+    return {"optimizer": opt, "lr": lr, "final_dev": dev, "final_dev_loss": dev_loss, "final_test": test,
+            "stage": "sweep"}
 
 
 def test_the_sweep_chooses_the_best_dev_and_never_a_diverged_run() -> None:
@@ -95,6 +97,9 @@ def test_the_sweep_chooses_the_best_dev_and_never_a_diverged_run() -> None:
     assert bench_accuracy.chosen_lr(records, "mezo") == 5e-5
     tie = [_record("lezo", 1e-5, 0.7), _record("lezo", 5e-5, 0.7)]
     assert bench_accuracy.chosen_lr(tie, "lezo") == 1e-5
+    by_loss = [_record("lezo", 1e-5, 0.7, dev_loss=0.69), _record("lezo", 5e-5, 0.7, dev_loss=0.65),
+               _record("lezo", 2e-4, 0.6, dev_loss=0.5)]
+    assert bench_accuracy.chosen_lr(by_loss, "lezo") == 5e-5  # accuracy first, then the lower loss
     with pytest.raises(SystemExit, match="every sweep run of lozo diverged"):
         bench_accuracy.chosen_lr([_record("lozo", 1e-5, None, None)], "lozo")
 
@@ -132,3 +137,23 @@ def test_the_full_path_sweeps_then_runs_the_chosen_lr_on_every_seed(tmp_path: Pa
         assert {r["lr"] for r in final if r["optimizer"] == name} == {chosen} == {summary["chosen_lr"][name]}
         assert len(summary["sweep_dev"][name]) == 3
     assert summary["tasks"]["sst2"]["rows"]["mezo"]["seeds"] == [0, 1]
+    # Dev chooses, test reports: a sweep run's curve holds dev only, a final run's test only.
+    assert all({"dev", "dev_loss"} <= set(p) and "test" not in p for r in sweep for p in r["curve"])
+    assert all(len(r["curve"]) == 2 and 0 < r["final_dev_loss"] for r in sweep)
+    assert all("test" in p and "dev" not in p for r in final for p in r["curve"])
+
+
+def test_the_dev_scores_match_the_trainers_evaluation_and_loss(tmp_path: Path) -> None:
+    """The sweep's own dev pass: its accuracy is evaluate_run's, its loss the task's training loss."""
+    from zoscale.train.trainer import build, evaluate_run
+
+    spec = bench_accuracy.RunSpec("sst2", "mezo", 5e-5, 0, "sweep")
+    budget = bench_accuracy.Budget("tiny-llama", 2, 4, 64, 12, 16, 64)
+    run = build(bench_accuracy.train_config(spec, budget, tmp_path / "a"))
+    accuracy, loss = bench_accuracy._dev_accuracy_and_loss(run)
+    assert accuracy == evaluate_run(run, run.data.dev, prefix="dev")[0]["dev_accuracy"]
+    with torch.no_grad():
+        losses = [float(run.task.family.loss(run.engine.module, run.task.family.train_batch(run.data.dev[i:i + 4],
+                                                                                            run.encoder)))
+                  for i in range(0, 12, 4)]
+    assert loss == pytest.approx(sum(losses) / 3, rel=1e-5)
