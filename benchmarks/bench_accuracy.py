@@ -275,8 +275,10 @@ def ensure(spec: RunSpec, budget: Budget, out: Path) -> dict[str, Any]:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     tmp.replace(path)  # whole or absent
-    log(f"{spec.task} {spec.name}: test {record['final_test']}, dev {record['final_dev']}, "
-        f"step {record['step_s_median']:.3f} s" if record["step_s_median"] else f"{spec.name}: diverged")
+    score = f"test {record['final_test']}" if spec.stage == "final" else \
+        f"dev {record['final_dev']} (loss {record['final_dev_loss']})"
+    log(f"{spec.task} {spec.name}: {score}, step {record['step_s_median']:.3f} s" if not record["diverged"]
+        else f"{spec.task} {spec.name}: diverged at step {record['diverged']['step']}")
     return record
 
 
