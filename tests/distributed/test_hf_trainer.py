@@ -1,8 +1,10 @@
-"""ZOTrainer on DeepSpeed ZeRO-3, 2 gloo ranks: the one-process trajectory, DeepSpeed's optimizer never built.
+"""ZOTrainer on DeepSpeed ZeRO-3 and on accelerate's FSDP2 plugin, 2 gloo ranks: the one-process
+trajectory, no first-order optimizer ever built.
 
 The user's script as transformers documents it for ZeRO-3: ``TrainingArguments(deepspeed=<JSON>)``
 first, then ``from_pretrained`` (partitioned while it loads), then the trainer. The JSON is a
-zoscale one with ``"auto"`` values for transformers to fill in.
+zoscale one with ``"auto"`` values for transformers to fill in. For FSDP2:
+``TrainingArguments(fsdp="full_shard", fsdp_config={"version": 2})`` and a plainly loaded model.
 """
 
 from __future__ import annotations
@@ -58,6 +60,25 @@ def _cpu_as_a_device() -> None:
     state.get_distributed_backend = lambda device_type: "gloo"
 
 
+def _cpu_as_a_gpu_for_fsdp() -> None:
+    """Let accelerate take its FSDP branch on these CPU gloo ranks, as it does on GPUs with NCCL.
+
+    accelerate enables its FSDP plugin only for a multi-accelerator state (``MULTI_GPU`` and the
+    like), never for ``MULTI_CPU``. Test-only: the state is reported as ``MULTI_GPU`` over gloo and
+    its device set to the CPU. Nothing of zoscale is patched.
+    """
+    import accelerate.state as state
+    from accelerate.utils import DistributedType
+
+    state.PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
+        "gloo", DistributedType.MULTI_GPU)
+
+    def set_device(self: Any) -> None:
+        self.device = torch.device("cpu")
+
+    state.PartialState.set_device = set_device
+
+
 def _args(out: str, **kw: Any) -> TrainingArguments:
     base = dict(output_dir=out, per_device_train_batch_size=BATCH // WORLD, max_steps=STEPS, learning_rate=LR,
                 lr_scheduler_type="constant", report_to=[], logging_steps=1, save_strategy="no",
@@ -66,10 +87,13 @@ def _args(out: str, **kw: Any) -> TrainingArguments:
     return TrainingArguments(**{**base, **kw})
 
 
+FSDP2 = dict(deepspeed=None, fsdp=True, fsdp_config={"version": 2})
+
+
 def _trainer(folder: str, out: str, **kw: Any) -> ZOTrainer:
     args = _args(out, **kw)  # before from_pretrained: transformers partitions the model as it loads
     model = AutoModelForCausalLM.from_pretrained(folder)
-    assert all(hasattr(p, "ds_tensor") for p in model.parameters())
+    assert all(hasattr(p, "ds_tensor") for p in model.parameters()) == (args.deepspeed is not None)
     return ZOTrainer(model=model, args=args, train_dataset=_data(n=STEPS * BATCH * 2), data_collator=collate)
 
 
@@ -80,12 +104,7 @@ class _StopAt(TrainerCallback):
         return control
 
 
-def _worker(rank: int, world: int, folder: str, out: str) -> None:
-    os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
-    _cpu_as_a_device()
-    results: dict[str, Any] = {}
-    trainer = _trainer(folder, f"{out}/run")
-    trainer.train()
+def _check_zero3(trainer: ZOTrainer) -> None:
     engine, opt = trainer.model_wrapped, trainer.zo_optimizer
     # DeepSpeed built its parameter partitioning only: no ZeRO optimizer (no fp32 partitions,
     # no gradient buffers); the zoscale optimizer steps on the ZeRO-3 shards.
@@ -100,28 +119,59 @@ def _worker(rank: int, world: int, folder: str, out: str) -> None:
     persistent = [p.ds_persist for p in trainer.model.parameters()]
     assert any(persistent) and not all(persistent), persistent
     assert all(p.data.numel() == 0 for p in trainer.model.parameters() if not p.ds_persist)  # partitioned
+
+
+def _check_fsdp2(trainer: ZOTrainer) -> None:
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from zoscale.engines.fsdp import FSDPShards
+
+    assert trainer.is_fsdp_enabled and trainer.accelerator.state.fsdp_plugin.fsdp_version == 2
+    model = trainer.model
+    assert isinstance(model, FSDPModule) and trainer.model_wrapped is model
+    assert isinstance(trainer.zo_optimizer.shards, FSDPShards)
+    params = list(model.parameters())
+    assert all(isinstance(p, DTensor) for p in params)
+    # Sharded: each rank holds about half of every weight's rows.
+    assert sum(p.to_local().numel() for p in params) < 0.6 * sum(p.numel() for p in params)
+    # The ZO optimizer steps on the very DTensors the model holds (no copies).
+    stepped = {id(p) for group in trainer.zo_optimizer.param_groups for p in group["params"]}
+    assert stepped == {id(p) for p in params}
+    assert trainer.accelerator._models == [model]  # accelerate prepared no second copy of it
+
+
+def _worker(rank: int, world: int, folder: str, out: str, engine: str) -> None:
+    os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
+    (_cpu_as_a_gpu_for_fsdp if engine == "fsdp2" else _cpu_as_a_device)()
+    kw = FSDP2 if engine == "fsdp2" else {}
+    results: dict[str, Any] = {}
+    trainer = _trainer(folder, f"{out}/run", **kw)
+    trainer.train()
+    (_check_fsdp2 if engine == "fsdp2" else _check_zero3)(trainer)
     assert all(p.grad is None for p in trainer.model.parameters())
-    results["log"] = opt.step_log
+    results["log"] = trainer.zo_optimizer.step_log
     results["params"] = full_params(trainer.model)
     trainer.save_model(f"{out}/final")
 
     # Interrupted at step 2 (checkpoint-2 written), then resumed by a fresh trainer and model.
-    cut = _trainer(folder, f"{out}/cut", save_strategy="steps", save_steps=2)
+    cut = _trainer(folder, f"{out}/cut", save_strategy="steps", save_steps=2, **kw)
     cut.add_callback(_StopAt())
     cut.train()
     ckpt = f"{out}/cut/checkpoint-2"
     assert (Path(ckpt) / ZO_CHECKPOINT_DIR / "step_00000002" / "done").is_file()
-    resumed = _trainer(folder, f"{out}/cut", save_strategy="steps", save_steps=2)
+    resumed = _trainer(folder, f"{out}/cut", save_strategy="steps", save_steps=2, **kw)
     resumed.train(resume_from_checkpoint=ckpt)
     results["resumed_log"] = resumed.zo_optimizer.step_log
     results["resumed_params"] = full_params(resumed.model)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
-def test_zero3_follows_the_single_process_trajectory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("engine", ["zero3", "fsdp2"])
+def test_sharded_trainer_follows_the_single_process_trajectory(tmp_path: Path, engine: str) -> None:
     folder = tmp_path / "base"
     tiny_llama(seed=0).save_pretrained(folder)
-    run(_worker, WORLD, str(folder), str(tmp_path))
+    run(_worker, WORLD, str(folder), str(tmp_path), engine)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     ref_losses, ref_opt, ref_model = _by_hand()
     ref = {n: p.detach() for n, p in ref_model.named_parameters()}
@@ -144,11 +194,11 @@ def test_zero3_follows_the_single_process_trajectory(tmp_path: Path) -> None:
         torch.testing.assert_close(got["params"][n], p, rtol=0, atol=ATOL, msg=n)
     start = dict(tiny_llama(seed=0).named_parameters())
     assert max((p - start[n].detach()).abs().max().item() for n, p in ref.items()) > 20 * ATOL
-    # save_model consolidated the partitions into a Hugging Face folder.
+    # save_model consolidated the shards into a Hugging Face folder.
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     for n, p in loaded.named_parameters():
         assert torch.equal(p.detach(), got["params"][n]), n
-    # The interrupted and resumed ZeRO-3 run equals the uninterrupted one bit for bit.
+    # The interrupted and resumed run equals the uninterrupted one bit for bit.
     assert got["resumed_log"] == got["log"]
     for n, p in got["params"].items():
         assert torch.equal(got["resumed_params"][n], p), n

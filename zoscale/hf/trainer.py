@@ -29,7 +29,11 @@ datasets and ``compute_metrics``. What differs from ``Trainer``, and why:
   (``trainer_config_finalize``: the ``"auto"`` values from the TrainingArguments and the model)
   and builds the DeepSpeed engine itself with zoscale's ``DeepSpeedEngine`` (``deepspeed.initialize``
   without any optimizer), then the ZO optimizer on its shards; the loop gets that engine as
-  ``model_wrapped``/``deepspeed``. FSDP through accelerate's plugin is refused (not done yet).
+  ``model_wrapped``/``deepspeed``. With accelerate's FSDP2 plugin (``TrainingArguments(fsdp=...)``
+  or ``accelerate launch`` with an FSDP config) the same: zoscale's ``FSDPEngine`` shards the
+  model with ``fully_shard`` (each block, then the root; compute dtype from the plugin's mixed
+  precision) and the ZO optimizer steps on its DTensor shards; accelerate prepares no model
+  and no optimizer. FSDP1 and ``cpu_offload`` are refused.
 * **Checkpoints.** ``checkpoint-N/`` holds what ``Trainer`` writes (the model, trainer state,
   scheduler, RNG states) and, in ``checkpoint-N/zoscale/``, zoscale's full checkpoint: the
   trainable shards (and master shards), the optimizer state and its step log, through
@@ -129,14 +133,14 @@ class ZOTrainer(Trainer):
 
     Attributes:
         zo_optimizer: the zoscale optimizer (built at the start of training, or on first use).
-        zo_engine: zoscale's engine around the model (``LocalEngine`` or ``DeepSpeedEngine``).
+        zo_engine: zoscale's engine around the model (``LocalEngine``, ``DeepSpeedEngine`` or ``FSDPEngine``).
 
     Raises:
         ValueError: a first-order optimizer in the DeepSpeed JSON, an optimizer given both ways,
             a DeepSpeed ``"scheduler"`` section, ``optimizers=`` with a non-zoscale optimizer,
             ``torch_compile``, ``nn.DataParallel`` (several
             GPUs in one process); an invalid optimizer option (named).
-        NotImplementedError: FSDP through accelerate's plugin.
+            FSDP1 or FSDP ``cpu_offload`` in accelerate's plugin.
     """
 
     def __init__(self, *args: Any, zo_config: dict[str, Any] | None = None, **kwargs: Any) -> None:
@@ -188,8 +192,7 @@ class ZOTrainer(Trainer):
             raise ValueError("ZOTrainer: several GPUs in one process (nn.DataParallel) are not supported; launch "
                              "one process per GPU (torchrun / deepspeed)")
         if self.is_fsdp_enabled:
-            raise NotImplementedError("ZOTrainer on FSDP through accelerate's plugin is not done yet; use "
-                                      "zoscale's own trainer (launch/train.py --engine fsdp) or DeepSpeed ZeRO-3")
+            _check_fsdp_plugin(self.accelerator.state.fsdp_plugin)
         if self.is_deepspeed_enabled and "scheduler" in self._ds_config():
             raise ValueError("ZOTrainer: the DeepSpeed config has a 'scheduler' section; DeepSpeed's schedulers step "
                              "DeepSpeed's optimizer, which ZOTrainer never creates: remove it and use "
@@ -219,6 +222,11 @@ class ZOTrainer(Trainer):
             hf_cfg.trainer_config_finalize(self.args, self.model, self._zo_max_steps)  # "auto" from args + model
             engine = DeepSpeedEngine(self.model, hf_cfg.config)
             self.model_wrapped = self.deepspeed = engine.engine
+        elif self.is_fsdp_enabled:
+            from zoscale.engines.fsdp import FSDPEngine
+
+            engine = FSDPEngine(self.model, param_dtype=_fsdp_param_dtype(self.accelerator.state.fsdp_plugin))
+            self.model = self.model_wrapped = engine.module  # Trainer's FSDP convention: both are the sharded model
         else:
             from zoscale.engines.local import LocalEngine
 
@@ -254,7 +262,8 @@ class ZOTrainer(Trainer):
     def _register_with_accelerator(self) -> None:
         # accelerate frees its list at the start of every train(); with the engine in it,
         # evaluation_loop does not prepare (and so re-initialise) the model a second time.
-        if self.is_deepspeed_enabled and not any(m is self.model_wrapped for m in self.accelerator._models):
+        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if sharded and not any(m is self.model_wrapped for m in self.accelerator._models):
             self.accelerator._models.append(self.model_wrapped)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -336,7 +345,7 @@ class ZOTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation and saving
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        if self.is_deepspeed_enabled:
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             self._zo_setup()  # evaluate with the engine training uses, not a second one
             self._register_with_accelerator()
         if self.zo_optimizer is not None:
@@ -344,10 +353,10 @@ class ZOTrainer(Trainer):
         return super().evaluation_loop(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """A Hugging Face folder of the current weights (under ZeRO-3 consolidated from the partitions)."""
+        """A Hugging Face folder of the current weights (under ZeRO-3 and FSDP2 consolidated from the shards)."""
         if self.zo_optimizer is not None:
             self.zo_optimizer.flush()
-        if not self.is_deepspeed_enabled:
+        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
             return super().save_model(output_dir, _internal_call)
         self._zo_setup()
         output_dir = output_dir if output_dir is not None else self.args.output_dir
@@ -384,6 +393,31 @@ class ZOTrainer(Trainer):
             raise ValueError(f"{found} is step {step} but {checkpoint}'s trainer state is at step "
                              f"{self.state.global_step}")
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, SCHEDULER_NAME), weights_only=True))
+
+
+def _check_fsdp_plugin(plugin: Any) -> None:
+    """Refuse what zoscale's FSDP2 engine cannot honour; warn about what it does its own way.
+
+    The engine shards each transformer block and then the root (``zoscale.engines.fsdp.apply_fsdp``):
+    the plugin's wrap policy only changes how parameters are grouped into all-gathers, not the
+    result, so it is not used. Blocks always reshard after forward: a block kept gathered between
+    the two SPSA forwards would not see the perturbation applied to its shards in between.
+    """
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("ZOTrainer shards with FSDP2 (fully_shard); the FSDP plugin is FSDP1: set "
+                         "fsdp_config={'version': 2} (transformers' default)")
+    if type(getattr(plugin, "cpu_offload", None)).__name__ == "CPUOffloadPolicy":
+        raise ValueError("ZOTrainer: fsdp_config cpu_offload is not supported (the ZO update perturbs and "
+                         "updates the shards on the device in place); remove it")
+    if getattr(plugin, "reshard_after_forward", True) is False:
+        warnings.warn("ZOTrainer ignores fsdp_config reshard_after_forward=False: a block kept gathered "
+                      "between the two SPSA forwards would miss the perturbation of its shards", stacklevel=4)
+
+
+def _fsdp_param_dtype(plugin: Any) -> torch.dtype | None:
+    """The compute dtype of the plugin's mixed-precision policy (``bf16=True`` sets bf16): forwards
+    all-gather a cast copy, the shards stay in their dtype. None: compute in the shards' dtype."""
+    return getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)
 
 
 def _take_optimizer_out_of_ds_config(args: Any) -> None:
