@@ -32,7 +32,7 @@ again skips those. The summary (``<out>/summary.json``, ``<out>/table.md``) and 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py            # the whole benchmark
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_accuracy.py --quick    # a smoke run
 
-``--quick``: the first task only, seed 0, no sweep (each optimizer at its shipped lr), a budget
+``--quick``: the first task only, seed 0, no sweep (each optimizer at its shipped JSON's lr), a budget
 of 4 MeZO steps, 32 test examples: it checks the benchmark on the real model, its
 accuracies are not a comparison. See the README for the measured durations. JSON (the summary) on stdout, progress on stderr.
 """
@@ -108,6 +108,14 @@ def optimizer_section(name: str, lr: float) -> dict[str, Any]:
         return {"type": "MeZO", "params": {"lr": 0.0, "eps": 1e-3}}
     section = json.loads((ROOT / "ds_configs" / shipped).read_text())["optimizer"]
     return {"type": section["type"], "params": {**section["params"], "lr": lr}}
+
+
+def shipped_lr(name: str) -> float:
+    """The lr of the shipped JSON (AdamW, which has none: its grid's middle)."""
+    shipped, grid = OPTIMIZERS[name]
+    if shipped is None:
+        return grid[1]
+    return float(json.loads((ROOT / "ds_configs" / shipped).read_text())["optimizer"]["params"]["lr"])
 
 
 def train_config(spec: RunSpec, budget: Budget, work: Path) -> Any:
@@ -298,8 +306,8 @@ def run_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     out, names, first = Path(args.out), args.optimizers, args.tasks[0]
     records: list[dict[str, Any]] = []
-    if args.quick:  # no sweep: the shipped JSON's lr (the grid's middle)
-        lrs = {name: OPTIMIZERS[name][1][1] for name in names}
+    if args.quick:  # no sweep: the shipped JSON's lr
+        lrs = {name: shipped_lr(name) for name in names}
     else:
         for name in names:
             for lr in OPTIMIZERS[name][1]:

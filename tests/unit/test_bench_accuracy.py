@@ -32,6 +32,10 @@ def test_quick_runs_every_optimizer_and_writes_the_pngs(quick: tuple[Path, dict]
     assert list(rows) == list(bench_accuracy.OPTIMIZERS)
     records = bench_accuracy.load_runs(out / "out")
     assert sorted(r["optimizer"] for r in records) == sorted(bench_accuracy.OPTIMIZERS)
+    for r in records:  # no sweep: each at the lr its shipped JSON holds
+        if r["optimizer"] != "adamw":
+            shipped = json.loads((BENCH.parent / "ds_configs" / f"zero3_{r['optimizer']}.json").read_text())
+            assert r["lr"] == shipped["optimizer"]["params"]["lr"], r["optimizer"]
     for png in [*summary["pngs"], str(out / "figure.png")]:
         data = Path(png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
