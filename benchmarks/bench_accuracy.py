@@ -199,10 +199,15 @@ def _dev_accuracy_and_loss(run: Any) -> tuple[float, float]:
 _ZERO_SHOT: dict[tuple[Any, ...], Any] = {}
 
 
+def _score(run: Any, split: str) -> Any:
+    """Test accuracy (``split`` "test"), or dev accuracy and loss ("dev")."""
+    return _test_accuracy(run) if split == "test" else _dev_accuracy_and_loss(run)
+
+
 def _zero_shot(run: Any, spec: RunSpec, budget: Budget, split: str) -> Any:
     key = (budget, spec.task, spec.seed, split)
     if key not in _ZERO_SHOT:
-        _ZERO_SHOT[key] = _test_accuracy(run) if split == "test" else _dev_accuracy_and_loss(run)
+        _ZERO_SHOT[key] = _score(run, split)
     return _ZERO_SHOT[key]
 
 
@@ -245,8 +250,7 @@ def run_one(spec: RunSpec, budget: Budget, work: Path) -> dict[str, Any]:
         if marks and forwards >= marks[0]:
             while marks and forwards >= marks[0]:
                 marks.pop(0)
-            score = _test_accuracy(run) if split == "test" else _dev_accuracy_and_loss(run)
-            curve.append(_point(step, forwards, seconds, split, score))
+            curve.append(_point(step, forwards, seconds, split, _score(run, split)))
     peak = proc_status_mib("VmHWM") - baseline if baseline is not None else None
     end = None if diverged else curve[-1]
     return {**asdict(spec), "name": spec.name, "budget": asdict(budget), "curve": curve,

@@ -201,6 +201,11 @@ class ZOTrainer(Trainer):
             warnings.warn(f"ZOTrainer ignores max_grad_norm={a.max_grad_norm}: a zeroth-order step has no gradient "
                           "to clip (set max_grad_norm=0 to silence this)", stacklevel=3)
 
+    @property
+    def _sharded(self) -> bool:
+        """Whether an engine shards the model (DeepSpeed ZeRO or FSDP2): the engine is the loop's model."""
+        return self.is_deepspeed_enabled or self.is_fsdp_enabled
+
     def _ds_config(self) -> dict[str, Any]:
         return self.accelerator.state.deepspeed_plugin.hf_ds_config.config
 
@@ -262,8 +267,7 @@ class ZOTrainer(Trainer):
     def _register_with_accelerator(self) -> None:
         # accelerate frees its list at the start of every train(); with the engine in it,
         # evaluation_loop does not prepare (and so re-initialise) the model a second time.
-        sharded = self.is_deepspeed_enabled or self.is_fsdp_enabled
-        if sharded and not any(m is self.model_wrapped for m in self.accelerator._models):
+        if self._sharded and not any(m is self.model_wrapped for m in self.accelerator._models):
             self.accelerator._models.append(self.model_wrapped)
 
     def create_optimizer(self, model: torch.nn.Module | None = None) -> torch.optim.Optimizer:
@@ -345,7 +349,7 @@ class ZOTrainer(Trainer):
 
     # ------------------------------------------------------------------ evaluation and saving
     def evaluation_loop(self, *args: Any, **kwargs: Any) -> Any:
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self._sharded:
             self._zo_setup()  # evaluate with the engine training uses, not a second one
             self._register_with_accelerator()
         if self.zo_optimizer is not None:
@@ -356,7 +360,7 @@ class ZOTrainer(Trainer):
         """A Hugging Face folder of the current weights (under ZeRO-3 and FSDP2 consolidated from the shards)."""
         if self.zo_optimizer is not None:
             self.zo_optimizer.flush()
-        if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+        if not self._sharded:
             return super().save_model(output_dir, _internal_call)
         self._zo_setup()
         output_dir = output_dir if output_dir is not None else self.args.output_dir
