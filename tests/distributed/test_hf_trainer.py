@@ -25,9 +25,10 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 
 from tests.distributed.builders import full_params  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from tests.unit.test_hf_trainer import BATCH, EPS, LR, SEED, STEPS, _by_hand, _data, collate  # noqa: E402
+from tests.unit.test_hf_trainer import BATCH, EPS, LR, SEED, STEPS, _by_hand, _data, collate, with_lora  # noqa: E402
 from zoscale.engines import DeepSpeedShards  # noqa: E402
 from zoscale.hf import ZO_CHECKPOINT_DIR, ZOTrainer  # noqa: E402
+from zoscale.hf.agree import make_ranks_agree  # noqa: E402
 from zoscale.models import tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -90,10 +91,11 @@ def _args(out: str, **kw: Any) -> TrainingArguments:
 FSDP2 = dict(deepspeed=None, fsdp=True, fsdp_config={"version": 2})
 
 
-def _trainer(folder: str, out: str, **kw: Any) -> ZOTrainer:
+def _trainer(folder: str, out: str, wrap: Any = None, **kw: Any) -> ZOTrainer:
     args = _args(out, **kw)  # before from_pretrained: transformers partitions the model as it loads
     model = AutoModelForCausalLM.from_pretrained(folder)
     assert all(hasattr(p, "ds_tensor") for p in model.parameters()) == (args.deepspeed is not None)
+    model = wrap(model) if wrap is not None else model
     return ZOTrainer(model=model, args=args, train_dataset=_data(n=STEPS * BATCH * 2), data_collator=collate)
 
 
@@ -164,6 +166,21 @@ def _worker(rank: int, world: int, folder: str, out: str, engine: str) -> None:
     resumed.train(resume_from_checkpoint=ckpt)
     results["resumed_log"] = resumed.zo_optimizer.step_log
     results["resumed_params"] = full_params(resumed.model)
+
+    # Gradient accumulation: 2 micro-batches of 1 per rank and step, the same 4 rows per step.
+    ga = _trainer(folder, f"{out}/ga", per_device_train_batch_size=BATCH // WORLD // 2, gradient_accumulation_steps=2,
+                  **kw)
+    ga.train()
+    results["ga_log"] = ga.zo_optimizer.step_log
+    results["ga_params"] = full_params(ga.model)
+
+    # A user's LoRA model, its adapters drawn differently on each rank (no common seed): the
+    # engine must start every rank from rank 0's adapters.
+    lora = _trainer(folder, f"{out}/lora", wrap=lambda m: with_lora(m, seed=rank), **kw)
+    lora.train()
+    results["lora_log"] = lora.zo_optimizer.step_log
+    results["lora_params"] = full_params(lora.model)
+    lora.save_model(f"{out}/adapter")
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -202,6 +219,42 @@ def test_sharded_trainer_follows_the_single_process_trajectory(tmp_path: Path, e
     assert got["resumed_log"] == got["log"]
     for n, p in got["params"].items():
         assert torch.equal(got["resumed_params"][n], p), n
+    _check_accumulation(got)
+    _check_lora(ranks, tmp_path / "adapter")
+
+
+def _check_accumulation(got: dict[str, Any]) -> None:
+    """One ZO step per optimizer step over both micro-batches of both ranks: the one-process run."""
+    _, ref_opt, ref_model = _by_hand()
+    assert len(got["ga_log"]) == STEPS
+    for mine, want in zip(got["ga_log"], ref_opt.step_log):
+        assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(got["ga_params"][n], p.detach(), rtol=0, atol=ATOL, msg=n)
+
+
+def _check_lora(ranks: list[dict[str, Any]], adapter: Path) -> None:
+    """Rank 0's adapters trained on the one-process trajectory; the base never moved; the saved
+    adapter folder holds the trained adapters."""
+    from peft import PeftModel
+
+    got = ranks[0]
+    assert got["lora_log"] == ranks[1]["lora_log"]
+    for n, p in got["lora_params"].items():
+        assert torch.equal(p, ranks[1]["lora_params"][n]), n
+    _, ref_opt, ref_model = _by_hand(model=with_lora(tiny_llama(seed=0), seed=0))
+    for mine, want in zip(got["lora_log"], ref_opt.step_log):
+        assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    ref = {n: p.detach() for n, p in ref_model.named_parameters()}
+    assert got["lora_params"].keys() == ref.keys()
+    for n, p in ref.items():
+        torch.testing.assert_close(got["lora_params"][n], p, rtol=0, atol=ATOL, msg=n)
+    start = {n: p.detach() for n, p in with_lora(tiny_llama(seed=0), seed=0).named_parameters()}
+    moved = {n for n, p in got["lora_params"].items() if not torch.equal(p, start[n])}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), str(adapter))
+    for n, p in loaded.named_parameters():
+        assert torch.equal(p.detach(), got["lora_params"][n]), n
 
 
 def test_a_first_order_optimizer_in_the_json_is_refused(tmp_path: Path) -> None:
@@ -227,6 +280,8 @@ def _replica_worker(rank: int, world: int, out: str) -> None:
     trainer = ZOTrainer(model=tiny_llama(seed=rank), args=args, train_dataset=_data(), data_collator=collate)
     trainer.train()  # rank 1 starts from other weights: the trainer broadcasts rank 0's, as DDP would
     assert trainer.model_wrapped is trainer.model  # no DDP wrapper: replicas apply the same seeded update
+    with pytest.raises(ValueError, match="the ranks hold different models"):  # and refused by name
+        make_ranks_agree(torch.nn.Linear(4, 4 + rank))
     torch.save({"log": trainer.zo_optimizer.step_log, "params": full_params(trainer.model)}, f"{out}/rank{rank}.pt")
 
 

@@ -59,11 +59,22 @@ def _trainer(out: Path, zo: dict[str, Any] | None = None, data: Any = None, mode
                      zo_config=zo if zo is not None else {"type": "MeZO", "params": {"eps": EPS}})
 
 
-def _by_hand(lrs: list[float] | None = None, batch: int = BATCH) -> tuple[list[float], MeZO, torch.nn.Module]:
-    """The plain loop: MeZO on the same batches in the same order, lr set per step if given."""
-    model = tiny_llama(seed=0)
+def with_lora(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with LoRA adapters on the attention query and value projections, as a user adds
+    them (``peft.get_peft_model``); ``seed`` draws their initial values."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+
+
+def _by_hand(lrs: list[float] | None = None, batch: int = BATCH,
+             model: torch.nn.Module | None = None) -> tuple[list[float], MeZO, torch.nn.Module]:
+    """The plain loop: MeZO on the same batches in the same order (on ``model``'s trainable
+    parameters, the tiny Llama by default), lr set per step if given."""
+    model = model if model is not None else tiny_llama(seed=0)
     model.eval()
-    opt = MeZO(model.named_parameters(), lr=LR, eps=EPS, seed=SEED)
+    opt = MeZO([(n, p) for n, p in model.named_parameters() if p.requires_grad], lr=LR, eps=EPS, seed=SEED)
     data = _data()
     losses = []
     for s in range(STEPS):
@@ -192,6 +203,27 @@ def test_save_model_writes_a_hugging_face_folder(tmp_path: Path) -> None:
     trainer.save_model(str(tmp_path / "final"))
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "final"))
     _assert_equal_weights(_params(loaded), _params(trainer.model))
+
+
+def test_a_peft_model_trains_its_adapters_only_and_saves_them(tmp_path: Path) -> None:
+    """A user's LoRA model (``get_peft_model``) in ZOTrainer: the ZO step perturbs and updates the
+    adapters only, on the trajectory of MeZO by hand on them, and save_model writes the adapter."""
+    from peft import PeftModel
+
+    trainer = _trainer(tmp_path, model=with_lora(tiny_llama(seed=0)))
+    trainer.train()
+    ref_losses, ref_opt, ref_model = _by_hand(model=with_lora(tiny_llama(seed=0)))
+    assert trainer.zo_optimizer.step_log == ref_opt.step_log
+    got = _params(trainer.model)
+    _assert_equal_weights(got, _params(ref_model))
+    start = _params(with_lora(tiny_llama(seed=0)))
+    moved = {n for n in got if not torch.equal(got[n], start[n])}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)  # the base weights never moved
+    assert all(("lora_" in n) == p.requires_grad for n, p in trainer.model.named_parameters())
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+    loaded = PeftModel.from_pretrained(tiny_llama(seed=0), str(tmp_path / "adapter"))
+    _assert_equal_weights(_params(loaded), got)
 
 
 def test_evaluate_reports_the_models_loss(tmp_path: Path) -> None:

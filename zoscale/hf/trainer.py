@@ -20,10 +20,11 @@ datasets and ``compute_metrics``. What differs from ``Trainer``, and why:
 * **Train mode.** The closure runs the model in eval mode: both forwards of an SPSA pair must
   evaluate the same function, which dropout would break (MeZO does the same).
 * **Engines.** One process or data-parallel replicas (``torchrun``, no DDP wrapper: replicas stay
-  equal because they apply the same seeded update; they are broadcast from rank 0 once, as DDP
-  would), or DeepSpeed ZeRO through ``TrainingArguments(deepspeed=...)``. transformers'
-  ``deepspeed_init`` would hand accelerate a ``DummyOptim`` (or the Trainer's AdamW), and
-  DeepSpeed would then build its own optimizer: for a zoscale type it fails, for any optimizer
+  equal because they apply the same seeded update; what differs across ranks at the start, such
+  as unseeded peft adapters, is broadcast from rank 0 once, as DDP would: ``zoscale.hf.agree``),
+  or DeepSpeed ZeRO through ``TrainingArguments(deepspeed=...)``. transformers' ``deepspeed_init``
+  would hand accelerate a ``DummyOptim`` (or the Trainer's AdamW), and DeepSpeed would then build
+  its own optimizer: for a zoscale type it fails, for any optimizer
   ZeRO-3 wraps it in its stage-3 optimizer (fp32 master and gradient partitions, ~4.5x the
   shard, and a ``step()`` that needs gradients). So ``ZOTrainer`` resolves the config the same way
   (``trainer_config_finalize``: the ``"auto"`` values from the TrainingArguments and the model)
@@ -32,7 +33,7 @@ datasets and ``compute_metrics``. What differs from ``Trainer``, and why:
   ``model_wrapped``/``deepspeed``. With accelerate's FSDP2 plugin (``TrainingArguments(fsdp=...)``
   or ``accelerate launch`` with an FSDP config) the same: zoscale's ``FSDPEngine`` shards the
   model with ``fully_shard`` (each block, then the root; compute dtype from the plugin's mixed
-  precision) and the ZO optimizer steps on its DTensor shards; accelerate prepares no model
+  precision; what differs across ranks is first broadcast from rank 0) and the ZO optimizer steps on its DTensor shards; accelerate prepares no model
   and no optimizer. FSDP1 and ``cpu_offload`` are refused.
 * **Checkpoints.** ``checkpoint-N/`` holds what ``Trainer`` writes (the model, trainer state,
   scheduler, RNG states) and, in ``checkpoint-N/zoscale/``, zoscale's full checkpoint: the
@@ -55,6 +56,7 @@ import torch.distributed as dist
 from transformers import Trainer
 from transformers.utils import logging
 
+from zoscale.hf.agree import make_ranks_agree
 from zoscale.hf.config import resolve_zo_config
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
@@ -230,18 +232,14 @@ class ZOTrainer(Trainer):
         elif self.is_fsdp_enabled:
             from zoscale.engines.fsdp import FSDPEngine
 
+            self._start_from_rank_0()  # fully_shard keeps each rank's slice of its own tensors
             engine = FSDPEngine(self.model, param_dtype=_fsdp_param_dtype(self.accelerator.state.fsdp_plugin))
             self.model = self.model_wrapped = engine.module  # Trainer's FSDP convention: both are the sharded model
         else:
             from zoscale.engines.local import LocalEngine
 
+            self._start_from_rank_0()  # replicas start equal, as DDP makes them
             engine = LocalEngine(self.model)
-            if engine.world_size > 1:  # replicas start equal, as DDP makes them
-                with torch.no_grad():
-                    for p in self.model.parameters():
-                        dist.broadcast(p.data, src=0)
-                    for b in self.model.buffers():
-                        dist.broadcast(b.data, src=0)
             self.model_wrapped = self.model
         self.zo_engine = engine
         if self.zo_optimizer is not None:  # given through optimizers=(zo, ...)
@@ -250,6 +248,15 @@ class ZOTrainer(Trainer):
             self.zo_optimizer = build_optimizer(self.zo_type, self._param_groups(engine.module), self.zo_params,
                                                 shards=engine.shards, module=engine.module)
         self._register_with_accelerator()
+
+    def _start_from_rank_0(self) -> None:
+        """Give every rank rank 0's values of what was drawn differently (unseeded adapters or heads);
+        see ``zoscale.hf.agree``. ZeRO-3 needs none of it: DeepSpeed broadcasts what it converts."""
+        differed = make_ranks_agree(self.model)
+        if differed and self._rank_world[0] == 0:
+            shown = ", ".join(differed[:4]) + (f" and {len(differed) - 4} more" if len(differed) > 4 else "")
+            logger.info(f"ZOTrainer: {len(differed)} tensors differed across ranks and now hold rank 0's values: "
+                        f"{shown}")
 
     def _param_groups(self, module: torch.nn.Module) -> list[dict[str, Any]]:
         """Named trainable parameters; with the TrainingArguments' weight decay (when the ZO options
