@@ -25,7 +25,8 @@ from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArgument
 
 from tests.distributed.builders import full_params  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from tests.unit.test_hf_trainer import BATCH, EPS, LR, SEED, STEPS, _by_hand, _data, collate, with_lora  # noqa: E402
+from tests.unit.test_hf_trainer import (BATCH, EPS, INSTRUCTIONS, LR, SEED, SFT_LR, STEPS, _by_hand, _data,  # noqa: E402
+                                       collate, sft_args, sft_trainer, with_lora)
 from zoscale.engines import DeepSpeedShards  # noqa: E402
 from zoscale.hf import ZO_CHECKPOINT_DIR, ZOTrainer  # noqa: E402
 from zoscale.hf.agree import make_ranks_agree  # noqa: E402
@@ -181,6 +182,16 @@ def _worker(rank: int, world: int, folder: str, out: str, engine: str) -> None:
     results["lora_log"] = lora.zo_optimizer.step_log
     results["lora_params"] = full_params(lora.model)
     lora.save_model(f"{out}/adapter")
+
+    # trl's SFTTrainer with the ZO step: instruction records, completion-only loss, LoRA from its peft_config.
+    # The JSON without its optimizer section: ZOSFTTrainer gets zo_config (both ways is refused).
+    sharding = kw or {"deepspeed": {k: v for k, v in DS_CONFIG.items() if k != "optimizer"}}
+    args = sft_args(Path(out) / "sft", STEPS, SFT_LR, per_device_train_batch_size=len(INSTRUCTIONS) // WORLD,
+                    use_cpu=False, bf16=False, **sharding)  # trl defaults to bf16, which needs a GPU
+    sft = sft_trainer(args, AutoModelForCausalLM.from_pretrained(folder))  # partitioned at load under ZeRO-3
+    sft.train()
+    results["sft_log"] = sft.zo_optimizer.step_log
+    results["sft_params"] = full_params(sft.model)
     torch.save(results, f"{out}/rank{rank}.pt")
 
 
@@ -221,6 +232,18 @@ def test_sharded_trainer_follows_the_single_process_trajectory(tmp_path: Path, e
         assert torch.equal(got["resumed_params"][n], p), n
     _check_accumulation(got)
     _check_lora(ranks, tmp_path / "adapter")
+    _check_sft(got, tmp_path / "sft_ref")
+
+
+def _check_sft(got: dict[str, Any], out: Path) -> None:
+    """ZOSFTTrainer on the shards: the one-process ZOSFTTrainer run (whole batch of records)."""
+    ref = sft_trainer(sft_args(out, STEPS, SFT_LR))
+    ref.train()
+    assert len(got["sft_log"]) == STEPS
+    for mine, want in zip(got["sft_log"], ref.zo_optimizer.step_log):
+        assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    for n, p in ref.model.named_parameters():
+        torch.testing.assert_close(got["sft_params"][n], p.detach(), rtol=0, atol=ATOL, msg=n)
 
 
 def _check_accumulation(got: dict[str, Any]) -> None:

@@ -355,3 +355,61 @@ def test_zo_sft_trainer_follows_the_optimizer_by_hand(tmp_path: Path) -> None:
     assert all("mean_token_accuracy" in h and "entropy" in h and not any(k.startswith("eval_") for k in h)
                for h in train_logs)
     assert train_logs[-1]["num_tokens"] == sum(int(b["attention_mask"].sum()) for b in batches)
+
+
+SFT_LR = 1e-2  # MeZO on LoRA of the tiny Llama (see the test below)
+#: Instruction records (trl's prompt-completion format): the loss is on the completion only.
+INSTRUCTIONS = [{"prompt": f"Q: is {w} good or bad?\nA:", "completion": f" {'good' if i % 2 else 'bad'}"}
+                for i, w in enumerate(["cake", "rain", "sun", "mud", "gold", "dust", "song", "noise"])]
+
+
+def sft_args(out: Path, steps: int, lr: float, **kw: Any) -> Any:
+    """trl's SFTConfig for :func:`sft_trainer`: one step is every record, a constant lr."""
+    from trl import SFTConfig
+
+    base = dict(output_dir=str(out), per_device_train_batch_size=len(INSTRUCTIONS),
+                per_device_eval_batch_size=len(INSTRUCTIONS), max_steps=steps, learning_rate=lr,
+                lr_scheduler_type="constant", report_to=[], logging_steps=1, save_strategy="no", use_cpu=True,
+                max_grad_norm=0.0, seed=SEED, disable_tqdm=True, max_length=48)
+    return SFTConfig(**{**base, **kw})
+
+
+def sft_trainer(args: Any, model: Any = None) -> Any:
+    """ZOSFTTrainer on :data:`INSTRUCTIONS` (train and eval) with LoRA through trl's ``peft_config``,
+    on ``model`` (the tiny Llama by default)."""
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from zoscale.hf.sft import ZOSFTTrainer
+    from zoscale.models import tiny_tokenizer
+
+    records = Dataset.from_list(INSTRUCTIONS)
+    config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    torch.manual_seed(SEED)  # the adapters' initial values
+    return ZOSFTTrainer(model=model if model is not None else tiny_llama(seed=0), args=args, train_dataset=records,
+                        eval_dataset=records, processing_class=tiny_tokenizer(), peft_config=config,
+                        zo_config={"type": "MeZO", "params": {"eps": EPS}})
+
+
+def test_zo_sft_trainer_learns_instructions_with_lora_on_the_completions(tmp_path: Path) -> None:
+    """Instruction records, completion-only loss, LoRA from trl's peft_config: the held-out loss
+    (here the records themselves) falls, only the adapters move, and the prompt is not scored."""
+    pytest.importorskip("trl")
+    from peft import PeftModel
+
+    trainer = sft_trainer(sft_args(tmp_path, steps=30, lr=SFT_LR))
+    assert isinstance(trainer.model, PeftModel)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(INSTRUCTIONS))])
+    tokenizer = trainer.processing_class
+    for row, labels in zip(INSTRUCTIONS, batch["labels"]):
+        scored = tokenizer.decode(labels[labels != -100])
+        assert scored.startswith(row["completion"]) and "Q:" not in scored, scored  # completion only
+    start = _params(trainer.model)
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    # Measured: 5.36 -> 4.51 (MeZO on LoRA, lr 1e-2, eps 1e-3, 30 steps of the 8 records).
+    assert after < 0.9 * before, (before, after)
+    got = _params(trainer.model)
+    moved = {n for n in got if not torch.equal(got[n], start[n])}
+    assert moved and all("lora_" in n for n in moved), sorted(moved)
