@@ -23,6 +23,7 @@ deepspeed = import_deepspeed()
 from deepspeed.runtime.zero.parameter_offload import DeepSpeedZeRoOffload  # noqa: E402
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments  # noqa: E402
 
+from tests.distributed.accelerate_on_cpu import cpu_as_a_device, cpu_as_a_gpu_for_fsdp  # noqa: E402
 from tests.distributed.builders import full_params  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
 from tests.unit.test_hf_trainer import (BATCH, EPS, INSTRUCTIONS, LR, SEED, SFT_LR, STEPS, _by_hand, _data,  # noqa: E402
@@ -45,40 +46,6 @@ DS_CONFIG = {
                           "stage3_prefetch_bucket_size": "auto"},
     "optimizer": {"type": "MeZO", "params": {"lr": "auto", "eps": EPS}},
 }
-
-
-def _cpu_as_a_device() -> None:
-    """Let accelerate run DeepSpeed on these CPU gloo ranks, as it runs it on GPUs with NCCL.
-
-    accelerate starts DeepSpeed only when not ``cpu`` and then takes the backend of the detected
-    accelerator; with none (a CPU machine) it sets ``backend = None`` and counts one process, so
-    ``TrainingArguments(deepspeed=...)`` computes every batch size for a world of 1 (and
-    ``use_cpu=True`` drops DeepSpeed altogether). Test-only: the CPU is reported as the accelerator,
-    gloo as its backend. Nothing of zoscale is patched.
-    """
-    import accelerate.state as state
-
-    state.get_torch_accelerator_backend = lambda *args, **kwargs: ("cpu", None)
-    state.get_distributed_backend = lambda device_type: "gloo"
-
-
-def _cpu_as_a_gpu_for_fsdp() -> None:
-    """Let accelerate take its FSDP branch on these CPU gloo ranks, as it does on GPUs with NCCL.
-
-    accelerate enables its FSDP plugin only for a multi-accelerator state (``MULTI_GPU`` and the
-    like), never for ``MULTI_CPU``. Test-only: the state is reported as ``MULTI_GPU`` over gloo and
-    its device set to the CPU. Nothing of zoscale is patched.
-    """
-    import accelerate.state as state
-    from accelerate.utils import DistributedType
-
-    state.PartialState._prepare_backend = lambda self, cpu=False, sagemaker_dp=False, backend=None: (
-        "gloo", DistributedType.MULTI_GPU)
-
-    def set_device(self: Any) -> None:
-        self.device = torch.device("cpu")
-
-    state.PartialState.set_device = set_device
 
 
 def _args(out: str, **kw: Any) -> TrainingArguments:
@@ -146,7 +113,7 @@ def _check_fsdp2(trainer: ZOTrainer) -> None:
 
 def _worker(rank: int, world: int, folder: str, out: str, engine: str) -> None:
     os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
-    (_cpu_as_a_gpu_for_fsdp if engine == "fsdp2" else _cpu_as_a_device)()
+    (cpu_as_a_gpu_for_fsdp if engine == "fsdp2" else cpu_as_a_device)()
     kw = FSDP2 if engine == "fsdp2" else {}
     results: dict[str, Any] = {}
     trainer = _trainer(folder, f"{out}/run", **kw)
