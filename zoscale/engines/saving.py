@@ -39,8 +39,27 @@ def save_pretrained(engine: Engine, path: str | Path, tokenizer: Any,
         return
     state = full_state_dict()
     if engine.rank == 0:
-        engine.module.save_pretrained(path, state_dict=state)
+        engine.module.save_pretrained(path, state_dict=_without_tied_copies(engine.module, state))
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def _without_tied_copies(module: torch.nn.Module, state: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """``state`` without the second name of a tied parameter (``lm_head.weight`` when it is the
+    input embedding), as ``PreTrainedModel.save_pretrained`` writes a model's own state dict.
+
+    transformers drops a tied name by finding two keys on one storage; a consolidated state dict
+    (FSDP2's ``get_model_state_dict`` with ``cpu_offload``) holds separate copies, so it would
+    write the tensor twice, and a folder unlike the one the other engines write.
+    """
+    if state is None:
+        return None
+    first: dict[int, str] = {}
+    dropped = set()
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first and name in state and first[id(p)] in state:
+            dropped.add(name)
+        first.setdefault(id(p), name)
+    return {k: v for k, v in state.items() if k not in dropped}
