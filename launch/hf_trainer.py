@@ -4,6 +4,8 @@
     python launch/hf_trainer.py --model smollm2-135m --max_steps 100
     deepspeed --num_gpus 2 launch/hf_trainer.py --deepspeed ds_configs/zero3_mezo.json --model /data/opt-1.3b
     torchrun --nproc_per_node 2 launch/hf_trainer.py --use_cpu    # CPU replicas (gloo)
+    accelerate launch --config_file launch/accelerate_zero3.yaml launch/hf_trainer.py   # GPUs
+    accelerate launch --config_file launch/accelerate_fsdp2.yaml launch/hf_trainer.py   # GPUs
 
 Everything but the ZOTrainer line is what a Trainer user writes (see README, "Inside
 transformers.Trainer"). With --deepspeed the JSON's "optimizer" section names the zoscale optimizer.
@@ -50,11 +52,13 @@ tokens = texts.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64
 
 trainer = ZOTrainer(model=model, args=args, train_dataset=tokens["train"], eval_dataset=tokens["test"],
                     data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False), processing_class=tokenizer,
-                    # With --deepspeed the JSON names the optimizer; else this (lr: --learning_rate).
-                    zo_config=None if cli.deepspeed else {"type": "MeZO", "params": {"eps": 1e-3}})
+                    # Under DeepSpeed (--deepspeed, or accelerate launch with a DeepSpeed config) the
+                    # JSON names the optimizer; else this (lr: --learning_rate).
+                    zo_config=None if args.deepspeed_plugin else {"type": "MeZO", "params": {"eps": 1e-3}})
 before = trainer.evaluate()["eval_loss"]
 trainer.train(resume_from_checkpoint=True if cli.resume else None)
 after = trainer.evaluate()["eval_loss"]
 trainer.save_model(f"{cli.output_dir}/final")
 if trainer.is_world_process_zero():
-    print(f"held-out loss {before:.4f} -> {after:.4f}; model in {cli.output_dir}/final")
+    engine = f"{type(trainer.zo_optimizer).__name__} on {type(trainer.zo_engine).__name__}, {args.world_size} rank(s)"
+    print(f"held-out loss {before:.4f} -> {after:.4f} ({engine}); model in {cli.output_dir}/final")

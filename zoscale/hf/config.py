@@ -29,11 +29,14 @@ _AUTO = {
 
 
 def original_ds_config(args: Any) -> dict[str, Any] | None:
-    """The user's DeepSpeed config as given to ``TrainingArguments(deepspeed=...)`` (a dict or a
-    JSON path), before transformers filled in its ``"auto"`` values; None without DeepSpeed."""
+    """The user's DeepSpeed config, before transformers filled in its ``"auto"`` values: as given
+    to ``TrainingArguments(deepspeed=...)`` (a dict or a JSON path), or, under ``accelerate launch``
+    with a DeepSpeed config (``ACCELERATE_USE_DEEPSPEED``), the JSON accelerate's plugin read from
+    its ``deepspeed_config_file``. None without DeepSpeed."""
     ds = getattr(args, "deepspeed", None)
     if not ds:
-        return None
+        plugin = getattr(args, "deepspeed_plugin", None)  # built from accelerate launch's environment
+        return getattr(plugin, "deepspeed_config", None) if plugin is not None else None
     if isinstance(ds, dict):
         return ds
     path = Path(ds)

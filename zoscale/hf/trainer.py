@@ -158,9 +158,11 @@ class ZOTrainer(Trainer):
             self.zo_type, self.zo_params, self.zo_source = resolve_zo_config(zo_config, training_args)
             _take_optimizer_out_of_ds_config(training_args)
         super().__init__(*args, **kwargs)
-        _take_optimizer_out_of_ds_config(self.args)  # again: trl's SFTTrainer rebuilds the arguments
         if training_args is None:
             self.zo_type, self.zo_params, self.zo_source = resolve_zo_config(zo_config, self.args)
+        # Again: trl's SFTTrainer rebuilds the arguments; under accelerate launch, Trainer builds
+        # the processed config in the accelerator's plugin only now.
+        _take_optimizer_out_of_ds_config(self.args, getattr(self.accelerator.state, "deepspeed_plugin", None))
         self._refuse_unsupported()
         given = self.optimizer
         if given is not None and not isinstance(given, ZOOptimizer):
@@ -242,6 +244,7 @@ class ZOTrainer(Trainer):
             engine = LocalEngine(self.model)
             self.model_wrapped = self.model
         self.zo_engine = engine
+        logger.info(f"ZOTrainer: {self.zo_type} on {type(engine).__name__}, {self._rank_world[1]} rank(s)")
         if self.zo_optimizer is not None:  # given through optimizers=(zo, ...)
             self.zo_optimizer.shards = engine.shards
         else:
@@ -431,18 +434,22 @@ def _fsdp_param_dtype(plugin: Any) -> torch.dtype | None:
     return getattr(getattr(plugin, "mixed_precision_policy", None), "param_dtype", None)
 
 
-def _take_optimizer_out_of_ds_config(args: Any) -> None:
-    """Remove the ``"optimizer"`` section from the config transformers built for DeepSpeed, with the
-    mismatches it recorded against Adam's arguments (a ZO optimizer's ``eps`` is no ``adam_epsilon``).
+def _take_optimizer_out_of_ds_config(args: Any, plugin: Any = None) -> None:
+    """Remove the ``"optimizer"`` section from the configs transformers and accelerate built for
+    DeepSpeed, with the mismatches transformers recorded against Adam's arguments (a ZO
+    optimizer's ``eps`` is no ``adam_epsilon``).
 
-    ``TrainingArguments`` keeps its ``deepspeed`` value as given (``zoscale.hf.config`` reads the
-    optimizer from there); what goes is the processed copy accelerate and DeepSpeed would read.
+    The configs: ``args.hf_deepspeed_config`` (``TrainingArguments(deepspeed=...)``) and those of
+    the DeepSpeed plugin, ``args.deepspeed_plugin`` or the accelerator's ``plugin`` (under
+    ``accelerate launch`` transformers builds its processed copy there, after the arguments). The
+    user's own dict or file keeps its section (``zoscale.hf.config`` reads the optimizer from it
+    before any of these exist).
     """
-    hf_cfg = getattr(args, "hf_deepspeed_config", None)
-    if hf_cfg is None:
-        return
-    hf_cfg.config.pop("optimizer", None)
-    hf_cfg.mismatches = [m for m in getattr(hf_cfg, "mismatches", []) if not m.startswith("- ds optimizer.")]
-    plugin = getattr(args, "deepspeed_plugin", None)
-    if plugin is not None and plugin.deepspeed_config is not hf_cfg.config:
-        plugin.deepspeed_config.pop("optimizer", None)
+    plugins = [p for p in (getattr(args, "deepspeed_plugin", None), plugin) if p is not None]
+    hf_configs = [getattr(args, "hf_deepspeed_config", None)] + [getattr(p, "hf_ds_config", None) for p in plugins]
+    for hf_cfg in [h for h in hf_configs if h is not None]:
+        hf_cfg.config.pop("optimizer", None)
+        hf_cfg.mismatches = [m for m in getattr(hf_cfg, "mismatches", []) if not m.startswith("- ds optimizer.")]
+    for p in plugins:
+        if isinstance(getattr(p, "deepspeed_config", None), dict):
+            p.deepspeed_config.pop("optimizer", None)
