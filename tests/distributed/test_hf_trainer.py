@@ -286,3 +286,36 @@ def test_replicas_follow_the_single_process_trajectory(tmp_path: Path) -> None:
         assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
     for n, p in ref_model.named_parameters():
         torch.testing.assert_close(ranks[0]["params"][n], p.detach(), rtol=0, atol=ATOL, msg=n)
+
+
+def _hsdp_worker(rank: int, world: int, folder: str, out: str) -> None:
+    from accelerate.parallelism_config import ParallelismConfig
+
+    os.environ["ZOSCALE_NOISE_BACKEND"] = "eager"
+    cpu_as_a_gpu_for_fsdp()
+    hsdp = ParallelismConfig(dp_replicate_size=2, dp_shard_size=2)  # accelerate's HSDP: 2 replicas of 2 shards
+    trainer = _trainer(folder, f"{out}/run", per_device_train_batch_size=BATCH // world, parallelism_config=hsdp,
+                       **FSDP2)
+    trainer.train()
+    mesh = trainer.zo_engine.mesh
+    assert mesh.mesh_dim_names == ("replicate", "shard") and tuple(mesh.shape) == (2, 2)
+    local = {n: p.to_local().clone() for n, p in trainer.model.named_parameters()}
+    torch.save({"log": trainer.zo_optimizer.step_log, "params": full_params(trainer.model), "local": local},
+               f"{out}/rank{rank}.pt")
+
+
+def test_hsdp_through_the_plugins_parallelism_config_follows_the_single_process_trajectory(tmp_path: Path) -> None:
+    folder = tmp_path / "base"
+    tiny_llama(seed=0).save_pretrained(folder)
+    run(_hsdp_worker, 4, str(folder), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
+    # Ranks r and r + 2 are the same shard in the two replicas: equal local rows; r and r + 1 differ.
+    for r in (0, 1):
+        for n, p in ranks[r]["local"].items():
+            assert torch.equal(p, ranks[r + 2]["local"][n]), (r, n)
+    assert any(not torch.equal(p, ranks[1]["local"][n]) for n, p in ranks[0]["local"].items())
+    _, ref_opt, ref_model = _by_hand()
+    for mine, want in zip(ranks[0]["log"], ref_opt.step_log):
+        assert mine["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    for n, p in ref_model.named_parameters():
+        torch.testing.assert_close(ranks[0]["params"][n], p.detach(), rtol=0, atol=ATOL, msg=n)

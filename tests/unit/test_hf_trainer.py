@@ -413,3 +413,15 @@ def test_zo_sft_trainer_learns_instructions_with_lora_on_the_completions(tmp_pat
     got = _params(trainer.model)
     moved = {n for n in got if not torch.equal(got[n], start[n])}
     assert moved and all("lora_" in n for n in moved), sorted(moved)
+
+
+def test_hsdp_shape_from_accelerates_parallelism_config() -> None:
+    from accelerate.parallelism_config import ParallelismConfig
+
+    from zoscale.hf.trainer import _hsdp_shape
+
+    assert _hsdp_shape(None) is None
+    assert _hsdp_shape(ParallelismConfig(dp_shard_size=4)) is None  # FSDP over the world
+    assert _hsdp_shape(ParallelismConfig(dp_replicate_size=2, dp_shard_size=4)) == (2, 4)
+    with pytest.raises(ValueError, match=r"parallelism_config \{'tp_size': 2\} is not supported"):
+        _hsdp_shape(ParallelismConfig(dp_shard_size=2, tp_size=2))

@@ -197,6 +197,7 @@ class ZOTrainer(Trainer):
                              "one process per GPU (torchrun / deepspeed)")
         if self.is_fsdp_enabled:
             _check_fsdp_plugin(self.accelerator.state.fsdp_plugin)
+            _hsdp_shape(getattr(self.accelerator, "parallelism_config", None))  # refuses tensor parallelism now
         if self.is_deepspeed_enabled and "scheduler" in self._ds_config():
             raise ValueError("ZOTrainer: the DeepSpeed config has a 'scheduler' section; DeepSpeed's schedulers step "
                              "DeepSpeed's optimizer, which ZOTrainer never creates: remove it and use "
@@ -235,7 +236,8 @@ class ZOTrainer(Trainer):
             from zoscale.engines.fsdp import FSDPEngine
 
             self._start_from_rank_0()  # fully_shard keeps each rank's slice of its own tensors
-            engine = FSDPEngine(self.model, param_dtype=_fsdp_param_dtype(self.accelerator.state.fsdp_plugin))
+            engine = FSDPEngine(self.model, hsdp=_hsdp_shape(getattr(self.accelerator, "parallelism_config", None)),
+                                param_dtype=_fsdp_param_dtype(self.accelerator.state.fsdp_plugin))
             self.model = self.model_wrapped = engine.module  # Trainer's FSDP convention: both are the sharded model
         else:
             from zoscale.engines.local import LocalEngine
@@ -426,6 +428,25 @@ def _check_fsdp_plugin(plugin: Any) -> None:
     if getattr(plugin, "reshard_after_forward", True) is False:
         warnings.warn("ZOTrainer ignores fsdp_config reshard_after_forward=False: a block kept gathered "
                       "between the two SPSA forwards would miss the perturbation of its shards", stacklevel=4)
+
+
+def _hsdp_shape(pc: Any) -> tuple[int, int] | None:
+    """``(replicas, shard size)`` for HSDP from accelerate's ``ParallelismConfig`` (``dp_replicate_size``
+    x ``dp_shard_size``), None for FSDP over the world (no config, or one replica).
+
+    Raises:
+        ValueError: tensor, context or sequence parallelism (a ZO step perturbs whole-parameter
+            shards, each owned by one rank of a data-parallel mesh; zoscale has no such layouts).
+    """
+    if pc is None:
+        return None
+    others = {k: getattr(pc, k, None) for k in ("tp_size", "cp_size", "sp_size")}
+    used = {k: v for k, v in others.items() if v not in (None, 1)}
+    if used:
+        raise ValueError(f"ZOTrainer: parallelism_config {used} is not supported: zoscale shards over data-parallel "
+                         "ranks only (FSDP2, or HSDP with dp_replicate_size x dp_shard_size)")
+    replicas = pc.dp_replicate_size or 1
+    return None if replicas == 1 else (replicas, pc.dp_shard_size or 1)
 
 
 def _fsdp_param_dtype(plugin: Any) -> torch.dtype | None:
