@@ -425,3 +425,29 @@ def test_hsdp_shape_from_accelerates_parallelism_config() -> None:
     assert _hsdp_shape(ParallelismConfig(dp_replicate_size=2, dp_shard_size=4)) == (2, 4)
     with pytest.raises(ValueError, match=r"parallelism_config \{'tp_size': 2\} is not supported"):
         _hsdp_shape(ParallelismConfig(dp_shard_size=2, tp_size=2))
+
+
+def test_a_bf16_model_trains_on_fp32_master_weights(tmp_path: Path) -> None:
+    """A model loaded in bf16 with ``master_weights`` in the zo_config: the ZO update accumulates
+    in fp32 masters and the bf16 weights are their casts; MeZO by hand with the same option gives
+    the same run bit for bit."""
+    zo = {"type": "MeZO", "params": {"eps": EPS, "master_weights": True}}
+    lr = 1e-5
+    trainer = _trainer(tmp_path, zo=zo, model=tiny_llama(seed=0, dtype=torch.bfloat16), learning_rate=lr)
+    trainer.train()
+    model = tiny_llama(seed=0, dtype=torch.bfloat16)
+    model.eval()
+    opt = MeZO(model.named_parameters(), lr=lr, eps=EPS, seed=SEED, master_weights=True)
+    data = _data()
+    for s in range(STEPS):
+        b = collate(data[s * BATCH:(s + 1) * BATCH])
+        opt.step(lambda: model(**b).loss)
+    assert trainer.zo_optimizer.step_log == opt.step_log
+    got = _params(trainer.model)
+    _assert_equal_weights(got, _params(model))
+    assert all(p.dtype == torch.bfloat16 for p in got.values())
+    # The optimizer holds fp32 masters, and the bf16 weights (their casts) moved.
+    start = _params(tiny_llama(seed=0, dtype=torch.bfloat16))
+    masters = [s["master"] for s in trainer.zo_optimizer.state.values() if "master" in s]
+    assert masters and all(m.dtype == torch.float32 for m in masters)
+    assert any(not torch.equal(got[n], start[n]) for n in got)
