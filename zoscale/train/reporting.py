@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["REPORT_TO", "METRICS_FILE", "TENSORBOARD_DIR", "Reporter", "check_report_to", "scalar_name"]
+__all__ = ["REPORT_TO", "METRICS_FILE", "TENSORBOARD_DIR", "Reporter", "check_report_to", "scalar_name",
+           "trim_metrics"]
 
 #: The values of ``report_to``: ``jsonl`` (the default) and ``none`` write metrics.jsonl only.
 REPORT_TO = ("jsonl", "none", "tensorboard")
@@ -61,6 +62,22 @@ def _elapsed_of_last_record(path: Path) -> float:
             except (ValueError, TypeError, AttributeError):
                 pass  # a record written before timestamps, or a torn line: keep the last good one
     return last
+
+
+def _kept(row: dict[str, Any], step: int) -> bool:
+    """Records up to the checkpoint, but not the evaluation at its step (the resumed run redoes it)."""
+    return row["step"] < step or (row["step"] == step and "loss" in row)
+
+
+def trim_metrics(path: Path, step: int, tail: int = 0) -> None:
+    """Keep in ``path`` (a metrics.jsonl) the records a run resumed at ``step`` keeps, and its last
+    ``tail`` lines whatever they are (records this session wrote before resuming). No file: nothing."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    old, new = (rows[:-tail], rows[-tail:]) if tail else (rows, [])
+    keep = [line for line in old if _kept(json.loads(line), step)] + new
+    path.write_text("".join(line + "\n" for line in keep))
 
 
 class Reporter:

@@ -35,7 +35,7 @@ from zoscale.data.tasks import Example
 from zoscale.train.checkpoint import LAYOUT_KEYS, intact_checkpoints, latest_checkpoint
 from zoscale.train.config import TrainConfig
 from zoscale.train.preemption import STOP_FILE
-from zoscale.train.reporting import METRICS_FILE, TENSORBOARD_DIR
+from zoscale.train.reporting import METRICS_FILE, TENSORBOARD_DIR, trim_metrics
 from zoscale.train.step_log_file import read_step_log
 
 __all__ = ["RunFolder", "prepare_run_folder", "run_identity", "STEP_LOG"]
@@ -149,13 +149,5 @@ def write_run_folder(folder: RunFolder) -> None:
         shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)  # the event files of the run started over
     (out / STOP_FILE).unlink(missing_ok=True)  # a stop request left over from an earlier run
     (out / "run.json").write_text(json.dumps(folder.identity, indent=2))
-    metrics = out / METRICS_FILE
-    if resumed and metrics.is_file():
-        rows = [line for line in metrics.read_text().splitlines() if line.strip()]
-        keep = [line for line in rows if _kept(json.loads(line), folder.step)]
-        metrics.write_text("".join(line + "\n" for line in keep))
-
-
-def _kept(row: dict[str, Any], step: int) -> bool:
-    """Records up to the checkpoint, but not the evaluation at its step (the resumed run redoes it)."""
-    return row["step"] < step or (row["step"] == step and "loss" in row)
+    if resumed:
+        trim_metrics(out / METRICS_FILE, folder.step)
