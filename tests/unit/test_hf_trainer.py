@@ -451,3 +451,44 @@ def test_a_bf16_model_trains_on_fp32_master_weights(tmp_path: Path) -> None:
     masters = [s["master"] for s in trainer.zo_optimizer.state.values() if "master" in s]
     assert masters and all(m.dtype == torch.float32 for m in masters)
     assert any(not torch.equal(got[n], start[n]) for n in got)
+
+
+def test_metrics_jsonl_holds_zoscale_records_resumes_and_plots(tmp_path: Path) -> None:
+    """``<output_dir>/metrics.jsonl``: zoscale's records (loss, lr, projected gradient, step time
+    and its phases, evaluations), trimmed on resume like launch/train.py's, drawn by launch/plot.py."""
+    from zoscale.plots import plot_runs, read_metrics
+
+    evals = _data(n=BATCH, seed=1)
+
+    def trainer() -> ZOTrainer:
+        return ZOTrainer(model=tiny_llama(seed=0), args=_args(tmp_path, save_strategy="steps", save_steps=2,
+                                                             per_device_eval_batch_size=BATCH),
+                         train_dataset=_data(), eval_dataset=evals, data_collator=collate,
+                         zo_config={"type": "MeZO", "params": {"eps": EPS}})
+
+    full = trainer()
+    full.evaluate()
+    full.train()
+    records = read_metrics(tmp_path)
+    assert records[0]["step"] == 0 and "eval_loss" in records[0]  # the evaluation before training
+    steps = [r for r in records if "loss" in r]
+    logged = [h for h in full.state.log_history if "loss" in h]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    assert [r["loss"] for r in steps] == [h["loss"] for h in logged]
+    assert [r["lr"] for r in steps] == [LR] * STEPS
+    assert steps[-1]["projected_grad"] == pytest.approx(full.zo_optimizer.step_log[-1]["grad"][0], rel=1e-6)
+    for r in steps:
+        assert r["step_s"] > 0 and r["forward_s"] > 0 and r["perturb_s"] > 0
+        assert r["forward_s"] + r["perturb_s"] <= r["step_s"]
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)
+    plot_runs([tmp_path], x="both")  # launch/plot.py's figure of this run
+
+    # A fresh trainer evaluates, then resumes at step 2: steps 3-4 are written once more, not twice.
+    again = trainer()
+    again.evaluate()
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    resumed = read_metrics(tmp_path)
+    assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]
+    assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in steps]  # the same trajectory
+    assert sum("eval_loss" in r for r in resumed) == 2  # the first run's and this session's evaluation

@@ -35,6 +35,10 @@ datasets and ``compute_metrics``. What differs from ``Trainer``, and why:
   model with ``fully_shard`` (each block, then the root; compute dtype from the plugin's mixed
   precision; what differs across ranks is first broadcast from rank 0) and the ZO optimizer steps on its DTensor shards; accelerate prepares no model
   and no optimizer. FSDP1 and ``cpu_offload`` are refused.
+* **Logs.** Each log adds the last ZO step's projected gradient, seconds and split by phase
+  (``zo_projected_grad``, ``zo_step_s``, ``zo_forward_s``, ...); ``report_to`` gets them through
+  transformers' own callbacks, and ``<output_dir>/metrics.jsonl`` holds them as zoscale's records
+  (``zoscale.hf.metrics``), which ``launch/plot.py`` draws.
 * **Checkpoints.** ``checkpoint-N/`` holds what ``Trainer`` writes (the model, trainer state,
   scheduler, RNG states) and, in ``checkpoint-N/zoscale/``, zoscale's full checkpoint: the
   trainable shards (and master shards), the optimizer state and its step log, through
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,7 @@ from transformers.utils import logging
 
 from zoscale.hf.agree import make_ranks_agree
 from zoscale.hf.config import resolve_zo_config
+from zoscale.hf.metrics import MetricsCallback
 from zoscale.optim import build_optimizer
 from zoscale.optim.base import ZOOptimizer
 
@@ -175,6 +181,8 @@ class ZOTrainer(Trainer):
         self._zo_max_steps = 0
         self._zo_closure_calls = 0  # closure calls of the last ZO step (forward passes over its micro-batches)
         self._zo_in_step = False  # True while the ZO step (its closure) runs
+        self._zo_step_s = 0.0  # seconds of the last ZO step
+        self.add_callback(MetricsCallback())  # <output_dir>/metrics.jsonl, for launch/plot.py
         logger.info(f"ZOTrainer: {self.zo_type} {self.zo_params} (from {self.zo_source})")
 
     # ------------------------------------------------------------------ checks
@@ -341,10 +349,12 @@ class ZOTrainer(Trainer):
             return total if scaled or len(losses) == 1 else total / len(losses)
 
         self._zo_in_step = True
+        started = time.perf_counter()
         try:
             loss = self.zo_optimizer.step(closure)
         finally:
             self._zo_in_step = False
+        self._zo_step_s = time.perf_counter() - started
         return torch.tensor(loss, dtype=torch.float32, device=self.args.device)
 
     def _clip_grad_norm(self, model: torch.nn.Module) -> None:
@@ -354,9 +364,13 @@ class ZOTrainer(Trainer):
         return None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Trainer's log, plus the last ZO step's projected gradient (``zo_projected_grad``)."""
-        if "loss" in logs and self.zo_optimizer is not None and self.zo_optimizer.last_step:
-            logs = {**logs, "zo_projected_grad": self.zo_optimizer.last_step["projected_grad"]}
+        """Trainer's log, plus the last ZO step's projected gradient (``zo_projected_grad``), its
+        seconds (``zo_step_s``) and their split by phase (``zo_<phase>_s``: the optimizer's
+        ``last_step_timing``, e.g. ``zo_forward_s``, ``zo_perturb_s``)."""
+        opt = self.zo_optimizer
+        if "loss" in logs and opt is not None and opt.last_step:
+            logs = {**logs, "zo_projected_grad": opt.last_step["projected_grad"], "zo_step_s": self._zo_step_s,
+                    **{f"zo_{phase}_s": seconds for phase, seconds in opt.last_step_timing.items()}}
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation and saving
