@@ -492,3 +492,20 @@ def test_metrics_jsonl_holds_zoscale_records_resumes_and_plots(tmp_path: Path) -
     assert [r["step"] for r in resumed if "loss" in r] == [1, 2, 3, 4]
     assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in steps]  # the same trajectory
     assert sum("eval_loss" in r for r in resumed) == 2  # the first run's and this session's evaluation
+
+
+def test_report_to_tensorboard_receives_the_zo_scalars(tmp_path: Path) -> None:
+    """``report_to=["tensorboard"]``: transformers' own callback writes the ZO keys of each log."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    trainer = _trainer(tmp_path, report_to=["tensorboard"])
+    trainer.train()
+    (folder,) = {p.parent for p in tmp_path.rglob("events.out.tfevents.*")}
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/zo_projected_grad", "train/zo_step_s", "train/zo_forward_s"} <= tags, tags
+    grads = [e.value for e in acc.Scalars("train/zo_projected_grad")]
+    want = [r["grad"][0] for r in trainer.zo_optimizer.step_log]
+    assert grads == pytest.approx(want, rel=1e-6)
