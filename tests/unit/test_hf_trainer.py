@@ -509,3 +509,17 @@ def test_report_to_tensorboard_receives_the_zo_scalars(tmp_path: Path) -> None:
     grads = [e.value for e in acc.Scalars("train/zo_projected_grad")]
     want = [r["grad"][0] for r in trainer.zo_optimizer.step_log]
     assert grads == pytest.approx(want, rel=1e-6)
+
+
+def test_a_zoscale_optimizer_in_a_plain_trainer_is_one_clear_error(tmp_path: Path) -> None:
+    """transformers.Trainer calls ``optimizer.step()`` after its backward: the ZO optimizer refuses,
+    naming ZOTrainer, before any weight moved."""
+    from transformers import Trainer
+
+    model = tiny_llama(seed=0)
+    start = _params(model)
+    trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=_data(), data_collator=collate,
+                      optimizers=(MeZO(model.named_parameters(), lr=LR, eps=EPS), None))
+    with pytest.raises(ValueError, match=r"MeZO.step requires a closure.*use zoscale.hf.ZOTrainer"):
+        trainer.train()
+    _assert_equal_weights(_params(model), start)

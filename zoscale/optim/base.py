@@ -453,7 +453,9 @@ class ZOOptimizer(torch.optim.Optimizer):
     def _closure_required(self, closure: Closure | None) -> Closure:
         if closure is None:
             raise ValueError(f"{type(self).__name__}.step requires a closure that returns the mean loss of this "
-                             "rank's micro-batch")
+                             "rank's micro-batch: a zeroth-order optimizer evaluates the loss itself, at perturbed "
+                             "weights. A loop that calls optimizer.step() after a backward pass (transformers.Trainer, "
+                             "accelerate) cannot drive it: use zoscale.hf.ZOTrainer, or launch/train.py")
         return closure
 
     @torch.no_grad()
