@@ -104,6 +104,7 @@ def test_deepspeed_two_ranks_follow_the_single_process_trajectory(tmp_path: Path
     assert moved > 1e-3
 
 
+@pytest.mark.extended  # through the real launchers (67 s and 37 s); in-process resume: test_conformance
 def test_deepspeed_resume_equals_uninterrupted(tmp_path: Path) -> None:
     ds = _ds_config(tmp_path, 3)
     _deepspeed(tmp_path, "full", ds, "--steps", str(STEPS))
@@ -190,6 +191,7 @@ def test_fsdp_follows_the_single_process_trajectory(tmp_path: Path, nproc: int, 
         torch.testing.assert_close(w2[name], p, rtol=0, atol=5e-5, msg=name)
 
 
+@pytest.mark.extended  # through the real launchers (67 s and 37 s); in-process resume: test_conformance
 def test_fsdp_resume_equals_uninterrupted(tmp_path: Path) -> None:
     ds = _ds_config(tmp_path, 3)
     common = ["--engine", "fsdp", "--ds_config", str(ds)]
