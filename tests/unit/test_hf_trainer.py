@@ -523,3 +523,17 @@ def test_a_zoscale_optimizer_in_a_plain_trainer_is_one_clear_error(tmp_path: Pat
     with pytest.raises(ValueError, match=r"MeZO.step requires a closure.*use zoscale.hf.ZOTrainer"):
         trainer.train()
     _assert_equal_weights(_params(model), start)
+
+
+def test_the_fsdp2_compute_dtype_is_the_plugins_mixed_precision() -> None:
+    """``bf16=True`` reaches ZOTrainer's FSDP2 engine as accelerate sets it on the plugin
+    (``AcceleratorState`` calls ``fsdp_plugin.set_mixed_precision``); fp32 without it. bf16 compute
+    over fp32 shards itself: tests/distributed/test_fsdp.py."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from zoscale.hf.trainer import _fsdp_param_dtype
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    assert _fsdp_param_dtype(plugin) is None  # compute in the shards' dtype
+    plugin.set_mixed_precision("bf16")
+    assert _fsdp_param_dtype(plugin) == torch.bfloat16
