@@ -130,3 +130,26 @@ def whole_views(provider: Any, params: list[torch.Tensor]) -> list[bool]:
     if provider.capabilities.whole_parameters:
         assert all(whole), (type(provider).__name__, whole)
     return whole
+
+
+def assert_ranks_agree(runs: list[dict[str, Any]], label: Any, params: str = "params") -> None:
+    """Every rank's run saw the same averaged losses (``"losses"``) and ends with the same full
+    tensors (``runs[r][params]``), bit for bit."""
+    first = runs[0]
+    for other in runs[1:]:
+        assert other["losses"] == first["losses"], label
+        assert other[params].keys() == first[params].keys(), label
+        for n, p in first[params].items():
+            assert torch.equal(p, other[params][n]), (label, n)
+
+
+def assert_near_one_process(run: dict[str, Any], ref_losses: list[float], ref_params: dict[str, torch.Tensor],
+                            atol: float, label: Any, rel: float = 1e-5, params: str = "params") -> None:
+    """A sharded run against one process on the whole batch: losses within ``rel``, every tensor
+    of ``ref_params`` within ``atol`` (the callers say why their bounds hold)."""
+    import pytest
+
+    assert run["losses"] == pytest.approx(ref_losses, rel=rel, abs=0), label
+    assert set(run[params]) == set(ref_params), label
+    for n, p in ref_params.items():
+        torch.testing.assert_close(run[params][n], p, rtol=0, atol=atol, msg=f"{label} {n}")
