@@ -29,8 +29,11 @@ deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 from tests.distributed.builders import assert_near_one_process, assert_ranks_agree  # noqa: E402
 from tests.distributed.spawn import run  # noqa: E402
-from zoscale.data.tasks import Classification, Encoder, Task, label_logits, task_spec  # noqa: E402
-from zoscale.models import load_causal_lm, tiny_llama, tiny_opt, tiny_tokenizer  # noqa: E402
+# The unit tests' sentences (of different lengths, so each half batch is padded differently from
+# the whole), task and batches.
+from tests.unit.test_peft import _batch, _rows  # noqa: E402
+from zoscale.data.tasks import Classification, label_logits  # noqa: E402
+from zoscale.models import load_causal_lm, tiny_llama, tiny_opt  # noqa: E402
 from zoscale.optim.mezo import MeZO  # noqa: E402
 from zoscale.peft import adapter_parameters, adapter_state_dict, apply_peft, initialise_adapters  # noqa: E402
 from zoscale.shards import LocalShards  # noqa: E402
@@ -53,23 +56,6 @@ CASES = (("llama", "lora"), ("llama", "prefix"), ("llama", "prompt"), ("opt", "l
 ENGINES = ("zero3", "zero3_persist", "fsdp")
 SEED = 7
 RESUMED, RESUME_AT = ("llama", "lora"), 2  # checkpointed after step 2, resumed in a fresh engine
-
-
-def _rows() -> list[dict[str, Any]]:
-    words = {1: ["great", "lovely", "superb", "fun"], 0: ["awful", "dull", "bad", "boring"]}
-    # Sentences of different lengths, so each half batch is padded differently from the whole.
-    return [{"sentence": f"a {words[i % 2][i % 4]} film" + " indeed" * (i % 3) + f" number {i}", "label": i % 2}
-            for i in range(BATCH)]
-
-
-def _task() -> Task:
-    return Task(task_spec("sst2"), Classification(), label_words=(" bad", " good"))
-
-
-def _batch(rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    task = _task()
-    examples = task.examples([(row, f"rows[{i}]") for i, row in enumerate(rows)])
-    return task.family.train_batch(examples, Encoder(tiny_tokenizer(), 48))
 
 
 def _label_ids() -> list[int]:
