@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.unit.test_optim import data, loss_of, mlp, params_of  # the MLP, batches and helpers of the ZO tests
 from zoscale import noise
 from zoscale.models import tiny_llama
 from zoscale.optim.base import NonFiniteLossError
@@ -26,25 +27,6 @@ def _eager_noise() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("ZOSCALE_NOISE_BACKEND", "eager")
         yield
-
-
-def mlp(dtype: torch.dtype = torch.float64) -> torch.nn.Module:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(dtype)
-
-
-def data(dtype: torch.dtype = torch.float64, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 6, generator=g, dtype=dtype), torch.randint(0, 3, (n,), generator=g)
-
-
-def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x), y)
-
-
-def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 IDS = torch.randint(0, 262, (8, 16), generator=torch.Generator().manual_seed(1))
