@@ -24,17 +24,18 @@ datasets and ``compute_metrics``. What differs from ``Trainer``, and why:
   as unseeded peft adapters, is broadcast from rank 0 once, as DDP would: ``zoscale.hf.agree``),
   or DeepSpeed ZeRO through ``TrainingArguments(deepspeed=...)``. transformers' ``deepspeed_init``
   would hand accelerate a ``DummyOptim`` (or the Trainer's AdamW), and DeepSpeed would then build
-  its own optimizer: for a zoscale type it fails, for any optimizer
-  ZeRO-3 wraps it in its stage-3 optimizer (fp32 master and gradient partitions, ~4.5x the
-  shard, and a ``step()`` that needs gradients). So ``ZOTrainer`` resolves the config the same way
+  its own optimizer: for a zoscale type it fails, for any optimizer ZeRO-3 wraps it in its
+  stage-3 optimizer (fp32 master and gradient partitions, ~4.5x the shard, and a ``step()``
+  that needs gradients). So ``ZOTrainer`` resolves the config the same way
   (``trainer_config_finalize``: the ``"auto"`` values from the TrainingArguments and the model)
   and builds the DeepSpeed engine itself with zoscale's ``DeepSpeedEngine`` (``deepspeed.initialize``
   without any optimizer), then the ZO optimizer on its shards; the loop gets that engine as
   ``model_wrapped``/``deepspeed``. With accelerate's FSDP2 plugin (``TrainingArguments(fsdp=...)``
   or ``accelerate launch`` with an FSDP config) the same: zoscale's ``FSDPEngine`` shards the
   model with ``fully_shard`` (each block, then the root; compute dtype from the plugin's mixed
-  precision; what differs across ranks is first broadcast from rank 0) and the ZO optimizer steps on its DTensor shards; accelerate prepares no model
-  and no optimizer. FSDP1 and ``cpu_offload`` are refused.
+  precision; what differs across ranks is first broadcast from rank 0; HSDP from accelerate's
+  ``ParallelismConfig``) and the ZO optimizer steps on its DTensor shards; accelerate prepares
+  no model and no optimizer. FSDP1 and ``cpu_offload`` are refused.
 * **Logs.** Each log adds the last ZO step's projected gradient, seconds and split by phase
   (``zo_projected_grad``, ``zo_step_s``, ``zo_forward_s``, ...); ``report_to`` gets them through
   transformers' own callbacks, and ``<output_dir>/metrics.jsonl`` holds them as zoscale's records
